@@ -1,0 +1,1 @@
+"""LLM Parallelism Labs launcher: job + DeepSpeed config + hostfile -> a plan -> ranks."""

@@ -1,0 +1,264 @@
+"""The plan: the three files checked together, the layout, the batch triad, memory, the command.
+
+`make_plan` does every check that can fail before a process starts; `labs plan` prints the
+result and `labs launch` prints it and runs it. Nothing here imports torch or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher import dsconfig
+from launcher.errors import LabsError
+from launcher.hostfile import Hostfile, load_hostfile
+from launcher.job import Job, _build, job_to_dict, load_job
+from launcher.layout import Layout
+from launcher.memory import fmt_bytes, zero_model_state_bytes
+from tasks import DRY_RUN_MODELS, TASKS
+from tasks.options import OPTIONS
+from tasks.presets import PRESETS, VOCAB, count_params
+
+REPO = Path(__file__).resolve().parent.parent
+DRY_RUN_CONFIG = "ds_configs/cpu_dry_run.json"
+BACKENDS = ("local", "torchrun")
+
+
+@dataclass
+class Plan:
+    job: Job
+    ds_config: dict[str, Any]
+    hostfile: Hostfile
+    layout: Layout
+    run_dir: Path
+    params: tuple[int, int] | None  # (total, largest layer) when known without loading weights
+    dry_run: bool = False
+    resume: str | None = None
+    master_port: int = 29500
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def zero_stage(self) -> int:
+        return dsconfig.zero_stage(self.ds_config)
+
+    def memory(self) -> dict[int, int]:
+        """Per-rank model-state bytes for every ZeRO stage (this config's offload settings)."""
+        if not self.params:
+            return {}
+        total, largest = self.params
+        shard = max(self.layout.tp * self.layout.pp, 1)
+        off_opt, off_param = dsconfig.offload(self.ds_config)
+        return {s: zero_model_state_bytes(s, total // shard, largest, self.layout.dp,
+                                          off_opt, off_param) for s in range(4)}
+
+
+def apply_dry_run(job: Job) -> None:
+    """A handful of samples, on CPU, offline: built-in text unless local files are given."""
+    if not job.data.train_files:
+        job.data.dataset = "sample"
+    job.data.max_train_samples = min(job.data.max_train_samples or 32, 32)
+    job.data.max_eval_samples = min(job.data.max_eval_samples or 16, 16)
+    job.train.max_steps = min(job.train.max_steps or 3, 3)
+    job.train.epochs = 1
+    if not _is_local_model(job.model.name) and job.model.name not in PRESETS and job.task in DRY_RUN_MODELS:
+        job.model.name = DRY_RUN_MODELS[job.task]
+
+
+def _is_local_model(name: str) -> bool:
+    return Path(name).expanduser().is_dir()
+
+
+def _check_model(job: Job) -> tuple[int, int] | None:
+    name = job.model.name
+    if name in PRESETS:
+        cfg = PRESETS[name]
+        return count_params(cfg, VOCAB[cfg["tokenizer"]])
+    path = Path(name).expanduser()
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise LabsError(f"{job.path}: model.name = {name!r} is a folder without config.json; "
+                            f"point it at a save_pretrained() folder or use a preset: {', '.join(PRESETS)}")
+        weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")
+                   or p.name.endswith(".index.json")]
+        if not weights:
+            raise LabsError(f"{job.path}: model.name = {name!r} has config.json but no weights "
+                            f"(*.safetensors or *.bin); export the model with save_pretrained()")
+        cfg = json.loads(cfg_file.read_text())
+        try:
+            return count_params(cfg, cfg["vocab_size"])
+        except KeyError:
+            return None
+    if "/" not in name and not name.replace("-", "").replace("_", "").isalnum():
+        raise LabsError(f"{job.path}: model.name = {name!r} is neither a preset, a folder nor a hub id")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise LabsError(
+            f"{job.path}: model.name = {name!r} is a Hugging Face hub id and HF_HUB_OFFLINE=1; "
+            f"give a local folder (--set model.name=/path/to/model) or a preset "
+            f"({', '.join(PRESETS)})"
+        )
+    return None
+
+
+def _check_data(job: Job) -> None:
+    d = job.data
+    for key in ("train_files", "eval_files"):
+        for f in getattr(d, key):
+            if not Path(f).expanduser().is_file():
+                raise LabsError(f"{job.path}: data.{key} names {f!r}, which does not exist; "
+                                f"fix the path or drop it to use data.dataset")
+    if d.data_dir and not Path(d.data_dir).expanduser().is_dir():
+        raise LabsError(f"{job.path}: data.data_dir = {d.data_dir!r} is not a folder "
+                        f"(set --data_dir / LABS_DATA_DIR to a folder laid out like shared/data)")
+    if d.eval_files and not d.train_files:
+        raise LabsError(f"{job.path}: data.eval_files given without data.train_files")
+    if d.block_size < 2:
+        raise LabsError(f"{job.path}: data.block_size = {d.block_size}; it must be >= 2")
+
+
+def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str | None = None,
+            sets: list[str] | tuple[str, ...] = (), dry_run: bool = False,
+            world: int | None = None, backend: str | None = None) -> tuple[Job, dict, Hostfile, Layout]:
+    """Load and check job, DeepSpeed config and hostfile together. `world` overrides the
+    hostfile's world size (inside a rank, where WORLD_SIZE is the truth)."""
+    job = load_job(job_path, sets)
+    if ds_config:
+        job.ds_config = ds_config
+    elif dry_run:
+        job.ds_config = DRY_RUN_CONFIG
+    if hostfile:
+        job.hostfile = hostfile
+    if backend:
+        job.backend = backend
+    if dry_run:
+        apply_dry_run(job)
+    if job.task not in TASKS:
+        raise LabsError(f"{job.path}: task = {job.task!r} does not exist; tasks: {', '.join(sorted(TASKS))}")
+    if job.backend not in BACKENDS:
+        raise LabsError(f"{job.path}: backend = {job.backend!r}; choose one of {', '.join(BACKENDS)}")
+    _build(OPTIONS[job.task], job.options, job.path, "options.")
+    ds_path = _abs(job.ds_config)
+    cfg = dsconfig.load_ds_config(ds_path)
+    for key, value in job.ds.items():
+        dsconfig.set_dotted(cfg, key, value)
+    dsconfig.check_keys(cfg, job.ds_config)
+    hf = load_hostfile(_abs(job.hostfile))
+    layout = Layout.from_ds_config(cfg, world or hf.world_size, job.ds_config)
+    if layout.pp > 1 and dsconfig.zero_stage(cfg) >= 2:
+        raise LabsError(f"{job.ds_config}: pipeline.stages = {layout.pp} with zero_optimization.stage = "
+                        f"{dsconfig.zero_stage(cfg)}; DeepSpeed's pipeline engine supports ZeRO 0-1 only")
+    cfg = dsconfig.resolve_batch(cfg, layout.dp, job.ds_config)
+    _check_data(job)
+    if job.train.epochs < 1:
+        raise LabsError(f"{job.path}: train.epochs = {job.train.epochs}; it must be >= 1")
+    return job, cfg, hf, layout
+
+
+def _abs(p: str) -> str:
+    path = Path(p).expanduser()
+    return str(path if path.is_absolute() or path.exists() else REPO / path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: str | None = None,
+              sets: list[str] | tuple[str, ...] = (), dry_run: bool = False, resume: str | None = None,
+              backend: str | None = None, master_port: int | None = None,
+              run_dir: str | None = None) -> Plan:
+    from launcher.backends import build_command, runner_env
+
+    job, cfg, hf, layout = resolve(job_path, ds_config=ds_config, hostfile=hostfile, sets=sets,
+                                   dry_run=dry_run, backend=backend)
+    params = _check_model(job)
+    if resume:
+        rd = find_resume_dir(job, resume)
+    elif run_dir:
+        rd = Path(run_dir)
+    else:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        rd = Path(job.train.output_dir) / job.name / stamp
+        if rd.exists():
+            raise LabsError(f"run folder {rd} already exists; wait a second or set train.output_dir")
+    plan = Plan(job=job, ds_config=cfg, hostfile=hf, layout=layout, run_dir=rd, params=params,
+                dry_run=dry_run, resume=resume, master_port=master_port or free_port())
+    plan.env = runner_env(plan)
+    plan.command = build_command(plan)
+    return plan
+
+
+def find_resume_dir(job: Job, resume: str) -> Path:
+    if resume != "auto":
+        p = Path(resume)
+        if p.name == "checkpoints":
+            p = p.parent
+        if not (p / "checkpoints" / "latest").is_file():
+            raise LabsError(f"--resume {resume}: no DeepSpeed checkpoint there "
+                            f"(expected {p}/checkpoints/latest); pass a run folder under runs/")
+        return p
+    root = Path(job.train.output_dir) / job.name
+    runs = sorted(r for r in root.glob("*") if (r / "checkpoints" / "latest").is_file()) if root.is_dir() else []
+    if not runs:
+        raise LabsError(f"--resume: no run of job {job.name!r} with a checkpoint under {root}/; "
+                        f"run `labs launch` first or pass --resume RUN_DIR")
+    return runs[-1]
+
+
+def write_run_files(plan: Plan) -> None:
+    """Create the run folder and write the resolved job, DeepSpeed config and runner env file."""
+    plan.run_dir.mkdir(parents=True, exist_ok=bool(plan.resume))
+    (plan.run_dir / "job.yaml").write_text(yaml.safe_dump(job_to_dict(plan.job), sort_keys=False))
+    (plan.run_dir / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2) + "\n")
+    # DeepSpeed's runner splits every line on '='; blank or comment lines crash it.
+    (plan.run_dir / "ds_env").write_text("".join(f"{k}={v}\n" for k, v in plan.env.items()))
+
+
+SECRET_SUFFIXES = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def mask(key: str, value: str) -> str:
+    """Secrets (WANDB_API_KEY, HF_TOKEN, ...) are passed to the ranks but never printed."""
+    return "***" if key.upper().endswith(SECRET_SUFFIXES) else value
+
+
+def render(plan: Plan) -> str:
+    job, cfg, lay = plan.job, plan.ds_config, plan.layout
+    lines = ["== job", yaml.safe_dump(job_to_dict(job), sort_keys=False).rstrip(), "",
+             f"== DeepSpeed config ({job.ds_config}, after overrides)", json.dumps(cfg, indent=2), "",
+             f"== hostfile ({job.hostfile})"]
+    lines += [f"  {h} slots={s}" for h, s in plan.hostfile.hosts.items()]
+    lines += ["", "== layout", f"  {lay.describe()}",
+              f"  train_batch_size {cfg['train_batch_size']} = micro batch "
+              f"{cfg['train_micro_batch_size_per_gpu']} x grad accum {cfg['gradient_accumulation_steps']}"
+              f" x dp {lay.dp}", ""]
+    mem = plan.memory()
+    if mem:
+        total, largest = plan.params
+        lines.append(f"== model-state memory per rank (params {total:,}, largest layer {largest:,}; "
+                     f"mixed-precision Adam, DeepSpeed's estimator)")
+        for stage, b in mem.items():
+            mark = "  <- this config" if stage == plan.zero_stage else ""
+            lines.append(f"  ZeRO-{stage}: {fmt_bytes(b):>10}{mark}")
+    else:
+        lines.append(f"== model-state memory: unknown until {job.model.name!r} is loaded")
+    lines += ["", f"== run folder: {plan.run_dir}", "== environment for the ranks"]
+    lines += [f"  {k}={mask(k, v)}" for k, v in plan.env.items()]
+    lines += ["", "== command", "  " + " ".join(plan.command)]
+    return "\n".join(lines)
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    return {"layout": dataclasses.asdict(plan.layout) | {"dp": plan.layout.dp},
+            "zero_stage": plan.zero_stage, "memory": plan.memory()}

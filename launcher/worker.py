@@ -1,0 +1,344 @@
+"""What runs inside each rank: resolve the job, build the task, wrap it by strategy, train,
+evaluate, checkpoint, export. Started by `labs launch` (with --run_dir, reading the resolved
+files), directly under `deepspeed`/`torchrun` (`--module launcher.worker --job JOB`), or as one
+process (`python -m tasks.fine_tune --dry_run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import LabsError
+
+log = logging.getLogger("labs")
+
+
+def parse_args(argv: list[str] | None, default_task: str | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="launcher.worker", description=__doc__)
+    p.add_argument("--job", help="job YAML (default: built-in defaults for the task)")
+    p.add_argument("--run_dir", help="run folder; with job.yaml + ds_config.json written by `labs launch`")
+    p.add_argument("--ds-config", "--ds_config", dest="ds_config")
+    p.add_argument("--hostfile")
+    p.add_argument("--set", dest="sets", action="append", nargs="+", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dry_run", "--dry-run", action="store_true")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max_steps", type=int)
+    p.add_argument("--data_dir")
+    p.add_argument("--resume", nargs="?", const="auto")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.sets = [s for group in args.sets for s in group]
+    if default_task and not args.job:
+        args.sets = [f"task={default_task}", f"name={default_task}"] + args.sets
+    for flag, key in (("epochs", "train.epochs"), ("max_steps", "train.max_steps"), ("data_dir", "data.data_dir")):
+        if getattr(args, flag) is not None:
+            args.sets.append(f"{key}={getattr(args, flag)}")
+    return args
+
+
+def _single_process_env() -> None:
+    """Let one plain `python` process run the same code as a launched rank."""
+    if "RANK" not in os.environ:
+        from launcher.plan import free_port
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    from launcher.backends import accelerator, extensions_dir
+    os.environ.setdefault("DS_ACCELERATOR", accelerator())
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def resolve_in_rank(args: argparse.Namespace, world: int):
+    """(job, ds_config, layout) for this rank; the same checks as `labs plan`."""
+    from launcher import dsconfig
+    from launcher.job import load_job
+    from launcher.layout import Layout
+    from launcher.plan import resolve
+
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if run_dir and (run_dir / "job.yaml").is_file() and not args.job:
+        job = load_job(run_dir / "job.yaml", args.sets)
+        cfg = json.loads((run_dir / "ds_config.json").read_text())
+        layout = Layout.from_ds_config(cfg, world, str(run_dir / "ds_config.json"))
+        cfg = dsconfig.resolve_batch(cfg, layout.dp, str(run_dir / "ds_config.json"))
+        return job, cfg, layout
+    job, cfg, _, layout = resolve(args.job, ds_config=args.ds_config, hostfile=args.hostfile,
+                                  sets=args.sets, dry_run=args.dry_run, world=world)
+    return job, cfg, layout
+
+
+def _setup_logging(run_dir: Path, rank: int) -> None:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"[rank {rank}] %(asctime)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")]
+    if rank == 0:
+        handlers.append(logging.StreamHandler(sys.stdout))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if rank != 0:
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(logging.WARNING)
+
+
+def _seed(seed: int) -> None:
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Metrics:
+    """metrics.jsonl on global rank 0, mirrored to the DeepSpeed monitors (W&B, csv, tensorboard)."""
+
+    def __init__(self, path: Path, rank: int):
+        self.rank = rank
+        self.file = open(path, "a") if rank == 0 else None
+        self.monitor = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.monitor is not None and self.monitor.enabled:
+            step = record.get("step", 0)
+            self.monitor.write_events([(f"{record['kind']}/{k}", v, step) for k, v in record.items()
+                                       if isinstance(v, (int, float)) and k not in ("step", "kind")])
+
+
+def _setup_wandb(job, cfg: dict[str, Any], run_dir: Path) -> bool:
+    section = dict(cfg.get("wandb") or {})
+    if not (job.wandb.enabled or section.get("enabled")):
+        return False
+    mode = job.wandb.mode or os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    os.environ["WANDB_MODE"] = mode
+    os.environ.setdefault("WANDB_DIR", str(run_dir.resolve()))
+    if job.wandb.tags:
+        os.environ["WANDB_TAGS"] = ",".join(job.wandb.tags)
+    section.update(enabled=True, project=section.get("project") or job.wandb.project,
+                   group=section.get("group") or job.wandb.group or f"{job.name}-{run_dir.name}")
+    if job.wandb.entity or section.get("team"):
+        section["team"] = section.get("team") or job.wandb.entity
+    cfg["wandb"] = section
+    return True
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    _single_process_env()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    job, cfg, layout = resolve_in_rank(args, world)  # user errors surface before any collective
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from launcher.engine import build_strategy
+    from launcher.job import _build, job_to_dict
+    from tasks import get_task
+    from tasks.options import OPTIONS
+
+    deepspeed.init_distributed(dist_backend="gloo" if os.environ["DS_ACCELERATOR"] == "cpu" else None)
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+    else:
+        import datetime as dt
+        box = [str(Path(job.train.output_dir) / job.name / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))]
+        dist.broadcast_object_list(box, src=0)
+        run_dir = Path(box[0])
+    _setup_logging(run_dir, rank)
+    if rank == 0 and not (run_dir / "job.yaml").is_file():
+        import yaml
+        (run_dir / "job.yaml").write_text(yaml.safe_dump(job_to_dict(job), sort_keys=False))
+        (run_dir / "ds_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    use_wandb = _setup_wandb(job, cfg, run_dir)
+
+    task = get_task(job.task)
+    options = _build(OPTIONS[job.task], job.options, job.path, "options.")
+    _seed(job.train.seed)
+    parts = task.build(job, options, dry_run=args.dry_run)
+    n_params = sum(p.numel() for p in parts.model.parameters())
+    n_train = sum(p.numel() for p in parts.model.parameters() if p.requires_grad)
+    strategy = build_strategy(parts.model, cfg, layout)
+    log.info("task %s | model %s | %s params (%.1f%% trainable) | %s | ZeRO-%s | host %s",
+             job.task, job.model.name, f"{n_params:,}", 100.0 * n_train / max(n_params, 1),
+             layout.describe(), cfg.get("zero_optimization", {}).get("stage", 0), os.uname().nodename)
+
+    metrics = Metrics(run_dir / "metrics.jsonl", rank)
+    metrics.monitor = strategy.monitor
+    if use_wandb and rank == 0:
+        import wandb
+        if wandb.run is not None:
+            wandb.config.update({"layout": {"world": layout.world, "dp": layout.dp, "tp": layout.tp,
+                                            "pp": layout.pp}, "ds_config": cfg, "job": job_to_dict(job)},
+                                allow_val_change=True)
+
+    mb, ga = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
+    dp_rank = layout.dp_rank(rank)
+    sampler = torch.utils.data.DistributedSampler(parts.train_data, num_replicas=layout.dp, rank=dp_rank,
+                                                  shuffle=True, seed=job.train.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(parts.train_data, batch_size=mb, sampler=sampler,
+                                         collate_fn=parts.collate, drop_last=True)
+    steps_per_epoch = len(loader) // ga
+    if steps_per_epoch == 0:
+        raise LabsError(f"{job.path}: {len(parts.train_data)} training samples are fewer than one global "
+                        f"batch (train_batch_size {cfg['train_batch_size']}); give more data or lower the batch")
+    total = steps_per_epoch * job.train.epochs
+    if job.train.max_steps:
+        total = min(total, job.train.max_steps)
+
+    ckpt_dir = run_dir / "checkpoints"
+    step = 0
+    if args.resume:
+        step = strategy.load(ckpt_dir)["step"]
+        log.info("resumed from %s at step %d", ckpt_dir, step)
+
+    def evaluate() -> dict[str, float]:
+        sums = _eval_sums(task, strategy, parts, layout, dp_rank, mb)
+        result = task.summarize(sums)
+        metrics.write({"kind": "eval", "step": step, **result})
+        log.info("eval @ step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        return result
+
+    def save() -> None:
+        strategy.save(ckpt_dir, f"step{step}", {"step": step})
+
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train", unit="step",
+               dynamic_ncols=True, mininterval=1.0, file=sys.stdout)
+    eval_result: dict[str, float] = {}
+    last_eval = last_save = -1
+    train_time, tokens_seen, loss = 0.0, 0, float("nan")
+    while step < total:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch)
+        batches = iter(loader)
+        for _ in range((step % steps_per_epoch) * ga):
+            next(batches)
+        while step < total and step // steps_per_epoch == epoch:
+            micro = [next(batches) for _ in range(ga)]
+            tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                         for b in micro) * layout.dp
+            t0 = time.perf_counter()
+            loss = strategy.train_step(micro)
+            dt_step = time.perf_counter() - t0
+            step += 1
+            train_time += dt_step
+            tokens_seen += tokens
+            if not math.isfinite(loss):
+                raise RuntimeError(f"loss became {loss} at step {step}")
+            if step % job.train.log_every == 0 or step == total:
+                metrics.write({"kind": "train", "step": step, "epoch": epoch, "loss": loss, "lr": strategy.lr(),
+                               "tokens_per_s": tokens / dt_step, "step_time_s": dt_step})
+                log.debug("step %d loss %.5f", step, loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
+            if job.train.eval_every and step % job.train.eval_every == 0:
+                eval_result, last_eval = evaluate(), step
+            if job.train.save_every and step % job.train.save_every == 0:
+                save()
+                last_save = step
+        if not job.train.eval_every and step != last_eval:
+            eval_result, last_eval = evaluate(), step
+    bar.close()
+    if step != last_eval:
+        eval_result = evaluate()
+    if step != last_save:
+        save()
+
+    model_dir = run_dir / "hf"
+    if job.train.export:
+        state = strategy.full_state_dict(ckpt_dir / f"step{step}")
+        probe = {k: v[:1] for k, v in parts.collate([parts.eval_data[0]]).items()}
+        logits = strategy.forward(probe).logits.detach().float()
+        if rank == 0:
+            task.export(parts, state, model_dir)
+            torch.save({"batch": probe, "logits": logits}, run_dir / "probe_logits.pt")
+        dist.barrier()
+    summary = {"task": job.task, "steps": step, "world": layout.world, "layout": layout.describe(),
+               "zero_stage": cfg.get("zero_optimization", {}).get("stage", 0),
+               "final_train_loss": loss, **eval_result,
+               "tokens_per_s": tokens_seen / train_time if train_time else 0.0,
+               "train_time_s": train_time, "run_dir": str(run_dir),
+               "model_dir": str(model_dir) if job.train.export else None,
+               "checkpoint_dir": str(ckpt_dir), "trained_rank_host": os.uname().nodename}
+    if rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _print_summary(summary)
+        if use_wandb:
+            import wandb
+            if wandb.run is not None:
+                wandb.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+                where = wandb.run.dir
+                wandb.finish()
+                log.info("W&B run (%s) written to %s%s", os.environ.get("WANDB_MODE"), where,
+                         "; upload it with `wandb sync " + str(Path(where).parent) + "`"
+                         if os.environ.get("WANDB_MODE") == "offline" else "")
+    log.info("done: %d steps, final loss %.4f", step, loss)
+    return summary
+
+
+def _eval_sums(task, strategy, parts, layout, dp_rank: int, mb: int) -> dict[str, float]:
+    """Metric sums over the whole eval split, identical for any world size: each data-parallel
+    rank takes every dp-th sample; ranks short of batches repeat one with weight 0 so that every
+    rank runs the same number of forwards (ZeRO-3 and pipelines need that)."""
+    import torch
+    import torch.distributed as dist
+
+    n = len(parts.eval_data)
+    mine = list(range(dp_rank, n, layout.dp))
+    n_batches = math.ceil(math.ceil(n / layout.dp) / mb)
+    sums: dict[str, float] = {}
+    for i in range(n_batches):
+        idx = mine[i * mb:(i + 1) * mb]
+        weight = 1.0 if idx else 0.0
+        batch = parts.collate([parts.eval_data[j] for j in (idx or mine[:1] or [0])])
+        for k, v in task.eval_batch(strategy.forward(batch), batch).items():
+            sums[k] = sums.get(k, 0.0) + weight * v
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    if dist.is_initialized() and layout.dp > 1:
+        dist.all_reduce(t)
+        t /= layout.tp * layout.pp  # every rank of a tp/pp group holds the same sums
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    rows = [("steps", s["steps"]), ("layout", s["layout"]), ("ZeRO stage", s["zero_stage"]),
+            ("final train loss", f"{s['final_train_loss']:.4f}")]
+    rows += [(k.replace("_", " "), f"{v:.4f}") for k, v in s.items()
+             if k in ("eval_loss", "perplexity", "accuracy")]
+    rows += [("tokens/s", f"{s['tokens_per_s']:.0f}"), ("train time", f"{s['train_time_s']:.1f} s"),
+             ("model saved to", s["model_dir"]), ("checkpoints", s["checkpoint_dir"])]
+    width = max(len(k) for k, _ in rows)
+    print("\n== summary\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
+
+
+def main(argv: list[str] | None = None, default_task: str | None = None) -> None:
+    args = parse_args(argv, default_task)
+    code = 0
+    try:
+        run(args)
+    except LabsError as e:
+        print(f"[rank {os.environ.get('RANK', '0')}] error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create the project's virtual environment in the one order that works offline-ish on CPU:
+#   1. torch==2.13.0 (pinned: the CPU wheel; an unpinned torch pulls several GB of CUDA),
+#   2. deepspeed without build isolation (its setup.py imports the torch installed in step 1),
+#   3. the project itself with its test extras.
+# Idempotent: re-running only installs what is missing. VENV overrides the location (.venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip setuptools wheel
+if ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
+  echo "[setup] installing torch==2.13.0 (CPU)"
+  $PIP install -q torch==2.13.0
+fi
+if ! "$VENV/bin/python" -c 'import deepspeed' 2>/dev/null; then
+  echo "[setup] installing deepspeed (no build isolation)"
+  DS_BUILD_OPS=0 $PIP install -q --no-build-isolation deepspeed
+fi
+echo "[setup] installing the project (editable, with test extras)"
+$PIP install -q --no-build-isolation -e '.[test]'
+echo "[setup] done: $VENV"

