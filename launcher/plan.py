@@ -164,8 +164,12 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
 
 
 def _abs(p: str) -> str:
+    """A path as given when it exists from here, else relative to the repository (so jobs work from
+    any folder); unchanged when neither exists, so the error shows what the user wrote."""
     path = Path(p).expanduser()
-    return str(path if path.is_absolute() or path.exists() else REPO / path)
+    if path.is_absolute() or path.exists() or not (REPO / path).exists():
+        return str(path)
+    return str(REPO / path)
 
 
 def free_port() -> int:

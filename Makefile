@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` (set up + run the demo) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED_DATA := $(wildcard ../shared/data)
+
+.PHONY: setup demo test test-fast lint cluster-deps clean
+
+$(VENV)/.setup-done: pyproject.toml scripts/setup_env.sh
+	VENV=$(VENV) bash scripts/setup_env.sh
+	touch $@
+
+setup: $(VENV)/.setup-done
+
+demo: setup
+	$(VENV)/bin/labs launch jobs/demo.yaml
+
+# System packages for the cluster/slurm tests (root only; the tests skip with the reason otherwise).
+cluster-deps:
+	@if [ "$$(id -u)" = 0 ] && [ -x scripts/install_cluster_deps.sh ]; then bash scripts/install_cluster_deps.sh; \
+	else echo "[cluster-deps] not root or no installer: cluster/slurm tests will skip with their reason"; fi
+
+test: setup cluster-deps
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(if $(SHARED_DATA),LABS_DATA_DIR=$(abspath $(SHARED_DATA))) \
+	$(PY) -m pytest tests
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -m "not distributed and not cluster and not slurm and not container"
+
+lint: setup
+	$(VENV)/bin/ruff check launcher tasks tests bench
+
+clean:
+	rm -rf runs .pytest_cache

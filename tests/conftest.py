@@ -1,0 +1,61 @@
+"""Shared test set-up: offline, CPU, a private pre-built DeepSpeed extension cache, and helpers
+that run `labs` exactly as a user would (a real subprocess, real DeepSpeed ranks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def ds_ops() -> None:
+    """Build DeepSpeed's CPU comm op once (about 20-70 s) before the first multi-rank test."""
+    code = ("from deepspeed.accelerator import get_accelerator;"
+            "get_accelerator().create_op_builder('ShareMemCommBuilder').load()")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True, timeout=600)
+
+
+def labs(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the `labs` CLI in a subprocess from the repository root."""
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=os.environ | (env or {}))
+
+
+def run_dirs(output_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in output_dir.glob("*/*/job.yaml"))
+
+
+def launch(job: str, output_dir: Path, *args: str, env: dict | None = None, timeout: int = 600):
+    """`labs launch JOB` into output_dir; returns (process, run_dir or None)."""
+    before = set(run_dirs(output_dir))
+    proc = labs("launch", job, "--set", f"train.output_dir={output_dir}", *args, env=env, timeout=timeout)
+    new = [d for d in run_dirs(output_dir) if d not in before]
+    return proc, (new[-1] if new else None)
+
+
+def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"

@@ -1,0 +1,110 @@
+"""The plan's numbers against DeepSpeed's own: memory estimators, parameter counts, configs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from launcher import dsconfig
+from launcher.layout import Layout
+from launcher.memory import zero_model_state_bytes
+from tasks.presets import PRESETS, VOCAB, count_params
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 16])
+@pytest.mark.parametrize("offload", [(False, False), (True, False), (True, True)])
+def test_memory_matches_deepspeed_estimators(world, offload):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    params, largest = 216_000_000, 32_000 * 1024
+    off_opt, off_param = offload
+    _, z2 = estimate_zero2_model_states_mem_needs(params, world, 1, cpu_offload=off_opt)
+    _, z3, *_ = estimate_zero3_model_states_mem_needs(params, largest, world, 1, cpu_offload=off_opt,
+                                                  cpu_offload_params=off_param)
+    assert zero_model_state_bytes(2, params, largest, world, off_opt, off_param) == z2
+    assert zero_model_state_bytes(3, params, largest, world, off_opt, off_param) == z3
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "llama-small"])
+def test_param_counts_match_deepspeed_model_to_params(name):
+    from deepspeed.runtime.zero.stage3 import model_to_params
+    from transformers import AutoModelForCausalLM
+
+    from tasks.causal_lm import preset_config
+    cfg = PRESETS[name]
+    model = AutoModelForCausalLM.from_config(preset_config(name, VOCAB[cfg["tokenizer"]]))
+    assert count_params(cfg, VOCAB[cfg["tokenizer"]]) == model_to_params(model)
+
+
+def test_plan_memory_equals_deepspeed_all_live_printout():
+    """The `_all_live` estimators print a table (GB, 2 decimals); the plan's bytes give the same figures."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_live
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_live
+    from transformers import AutoModelForCausalLM
+
+    from launcher.plan import make_plan
+    from tasks.causal_lm import preset_config
+    model = AutoModelForCausalLM.from_config(preset_config("llama-58m", 32000))
+    plan = make_plan("jobs/demo.yaml", sets=["model.name=llama-58m"])
+    mem = plan.memory()
+    for stage, fn in ((2, estimate_zero2_model_states_mem_needs_all_live),
+                      (3, estimate_zero3_model_states_mem_needs_all_live)):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            fn(model, num_gpus_per_node=2, num_nodes=1)
+        # the row without any offload is the last one for stage 2 and the last one for stage 3
+        rows = [r for r in buf.getvalue().splitlines() if "offload_optimizer=none" in r]
+        gpu_gb = float(re.findall(r"([\d.]+)GB", rows[-1])[1])
+        assert gpu_gb == pytest.approx(mem[stage] / 2**30, abs=0.006), (stage, rows[-1])
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "ds_configs").glob("*.json")))
+def test_every_ds_config_is_accepted_by_deepspeed(path):
+    from deepspeed.runtime.config import DeepSpeedConfig
+    cfg = dsconfig.load_ds_config(REPO / path)
+    dsconfig.check_keys(cfg, path)
+    Layout.from_ds_config(cfg, 2, path)  # the shipped layout fits 2 ranks
+    # Outside a process group DeepSpeed parses for a world of 1: let the batch size follow.
+    resolved = dsconfig.resolve_batch(cfg | {"train_batch_size": "auto"}, 1, path)
+    parsed = DeepSpeedConfig(resolved)
+    assert parsed.zero_optimization_stage == dsconfig.zero_stage(cfg)
+    assert parsed.train_batch_size == resolved["train_batch_size"]
+
+
+def test_known_keys_cover_everything_deepspeed_reads():
+    """DeepSpeedConfig looks up a set of top-level keys; all must be in our allow-list."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    seen: set[str] = set()
+
+    class Tracking(dict):
+        def __getitem__(self, k):
+            seen.add(k)
+            return dict.__getitem__(self, k)
+
+        def get(self, k, d=None):
+            seen.add(k)
+            return dict.get(self, k, d)
+
+        def __contains__(self, k):
+            seen.add(k)
+            return dict.__contains__(self, k)
+
+    DeepSpeedConfig(Tracking(train_batch_size=2, train_micro_batch_size_per_gpu=2))
+    assert seen - dsconfig.KNOWN_KEYS == set()
+
+
+def test_jobs_all_plan(tmp_path):
+    from launcher.plan import make_plan
+    for job in sorted(Path(REPO / "jobs").glob("*.yaml")):
+        text = job.read_text()
+        if "hostfiles/localhost" not in text:
+            continue
+        plan = make_plan(str(job.relative_to(REPO)))
+        assert plan.command and plan.layout.world == 2, job
+        json.dumps(plan.ds_config)
