@@ -51,18 +51,23 @@ def runner_env(plan: Plan) -> dict[str, str]:
     return env
 
 
+def worker_args(plan: Plan) -> list[str]:
+    """The worker reads the resolved job and DeepSpeed config from the run folder."""
+    return ["--run_dir", str(plan.run_dir)] + (["--resume"] if plan.resume else [])
+
+
 def local_command(plan: Plan) -> list[str]:
     cmd = [_bin("deepspeed"), "--hostfile", str(plan.hostfile.path), "--no_ssh_check",
            "--master_addr", "127.0.0.1", "--master_port", str(plan.master_port)]
     if shutil.which("numactl"):
         cmd.append("--bind_cores_to_rank")
-    return cmd + ["--module", "launcher.worker", "--run_dir", str(plan.run_dir)]
+    return cmd + ["--module", "launcher.worker", *worker_args(plan)]
 
 
 def torchrun_command(plan: Plan) -> list[str]:
     return [_bin("torchrun"), "--nnodes", "1", "--nproc_per_node", str(plan.layout.world),
             "--master_addr", "127.0.0.1", "--master_port", str(plan.master_port),
-            "-m", "launcher.worker", "--run_dir", str(plan.run_dir)]
+            "-m", "launcher.worker", *worker_args(plan)]
 
 
 COMMANDS = {"local": local_command, "torchrun": torchrun_command}

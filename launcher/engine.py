@@ -81,7 +81,7 @@ class DataParallel:
             return None
         if self.stage == 3:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir))
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
 

@@ -67,6 +67,7 @@ def apply_dry_run(job: Job) -> None:
         job.data.dataset = "sample"
     job.data.max_train_samples = min(job.data.max_train_samples or 32, 32)
     job.data.max_eval_samples = min(job.data.max_eval_samples or 16, 16)
+    job.data.block_size = min(job.data.block_size, 32)
     job.train.max_steps = min(job.train.max_steps or 3, 3)
     job.train.epochs = 1
     if not _is_local_model(job.model.name) and job.model.name not in PRESETS and job.task in DRY_RUN_MODELS:

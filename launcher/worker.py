@@ -103,19 +103,22 @@ def _seed(seed: int) -> None:
 class Metrics:
     """metrics.jsonl on global rank 0, mirrored to the DeepSpeed monitors (W&B, csv, tensorboard)."""
 
-    def __init__(self, path: Path, rank: int):
+    def __init__(self, path: Path, rank: int, samples_per_step: int):
         self.rank = rank
         self.file = open(path, "a") if rank == 0 else None
         self.monitor = None
+        # DeepSpeed's monitors log at step = samples seen (its own Train/Samples/lr); W&B drops
+        # events whose step goes backwards, so ours use the same axis.
+        self.samples_per_step = samples_per_step
 
     def write(self, record: dict[str, Any]) -> None:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         if self.monitor is not None and self.monitor.enabled:
-            step = record.get("step", 0)
-            self.monitor.write_events([(f"{record['kind']}/{k}", v, step) for k, v in record.items()
-                                       if isinstance(v, (int, float)) and k not in ("step", "kind")])
+            samples = record.get("step", 0) * self.samples_per_step
+            self.monitor.write_events([(f"{record['kind']}/{k}", v, samples) for k, v in record.items()
+                                       if isinstance(v, (int, float)) and k != "kind"])
 
 
 def _setup_wandb(job, cfg: dict[str, Any], run_dir: Path) -> bool:
@@ -175,7 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              job.task, job.model.name, f"{n_params:,}", 100.0 * n_train / max(n_params, 1),
              layout.describe(), cfg.get("zero_optimization", {}).get("stage", 0), os.uname().nodename)
 
-    metrics = Metrics(run_dir / "metrics.jsonl", rank)
+    metrics = Metrics(run_dir / "metrics.jsonl", rank, cfg["train_batch_size"])
     metrics.monitor = strategy.monitor
     if use_wandb and rank == 0:
         import wandb

@@ -37,7 +37,7 @@ def test_two_ranks_equal_one_rank(stage, one_rank, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), (stage, a["step"], a["loss"], b["loss"])
     s = summary(run)
     assert s["world"] == 2 and s["zero_stage"] == stage and s["layout"] == "world 2 = dp 2 x tp 1 x pp 1"
-    assert "ZeRO-%d" % stage in (run / "logs" / "rank0.log").read_text()
+    assert f"ZeRO-{stage}" in (run / "logs" / "rank0.log").read_text()
     assert (run / "logs" / "rank1.log").is_file()
     if stage in (2, 3):  # ZeRO-3: weights consolidated from the partitioned checkpoint
         check_export(run)
