@@ -39,7 +39,15 @@ class DataSection:
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     text_column: str = "text"
+    """Column holding the text (after `column_names` renames a headerless CSV's columns)."""
+    text_columns: list[str] = field(default_factory=list)
+    """Several text columns joined with a space (e.g. [title, description]); overrides text_column."""
     label_column: str = "label"
+    """Column holding the class label (classification labs)."""
+    label_offset: int = 0
+    """Subtracted from every label so classes start at 0 (AG News CSVs number them 1-4: use 1)."""
+    column_names: list[str] = field(default_factory=list)
+    """Column names for headerless CSV files (the first row is then data, not a header)."""
     block_size: int = 64
     """Tokens per training sequence (causal LM)."""
     max_train_samples: int | None = None

