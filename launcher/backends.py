@@ -41,6 +41,9 @@ def runner_env(plan: Plan) -> dict[str, str]:
         "DS_ACCELERATOR": accelerator(),
         "TORCH_EXTENSIONS_DIR": extensions_dir(),
         "OMP_NUM_THREADS": str(max((os.cpu_count() or 1) // per_host, 1)),
+        # The venv's bin first: its ninja builds DeepSpeed's ops; a second ninja version on PATH
+        # (e.g. /usr/bin) hashes commands differently and forces rebuilds of the shared cache.
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
         "PYTHONPATH": str(REPO),
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
