@@ -5,6 +5,15 @@
     save(dir, tag, state) / load(dir) -> state;  full_state_dict(ckpt_dir) -> weights on rank 0
 
 Data parallel (ZeRO 0-3, offload): `deepspeed.initialize` with the config's zero_optimization.
+Pipeline / model parallel (`pipeline.stages` > 1): the HF model becomes an ordered layer list
+(tasks/pipeline_layers.py) inside a `deepspeed.pipe.PipelineModule`; `engine.train_batch` runs
+DeepSpeed's 1F1B schedule over `gradient_accumulation_steps` micro-batches (1 = naive model
+parallelism: each stage waits for the previous one).
+Tensor parallel (`tensor_parallel.autotp_size` > 1): `deepspeed.initialize` applies AutoTP, which
+replaces the attention/MLP Linear layers by row/column-sharded `LinearLayer`/`LinearAllreduce`.
+
+Every strategy also reports `shard_info()`: the parameters this rank holds and its model-state
+bytes measured from the tensors the engine really keeps (parameters, gradients, optimizer states).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ class DataParallel:
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
         self.layout = layout
         self.stage = self.engine.zero_optimization_stage()
+        self.meter = StateMeter(self.engine)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -84,8 +94,261 @@ class DataParallel:
             return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
+    def shard_info(self) -> dict[str, Any]:
+        return {"strategy": self.name, "zero_stage": self.stage, **self.meter.report(self.engine)}
+
+
+
+
+# ---------------------------------------------------------------- model-state bytes, measured
+
+def _torch_optimizer(opt):
+    while opt is not None and not isinstance(opt, torch.optim.Optimizer):
+        opt = getattr(opt, "optimizer", None)
+    return opt
+
+
+def _tensors(x):
+    if torch.is_tensor(x):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+
+
+def _bytes(tensors, seen: dict) -> int:
+    """Bytes the tensors cover, counting each byte of each storage once (parameters that are
+    views of one flat ZeRO buffer, and the buffer itself, count once; a shard that is a view of a
+    larger tensor counts only its own bytes). `seen` maps storage -> covered [start, end) ranges."""
+    total = 0
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        start = t.storage_offset() * t.element_size()
+        lo, hi = start, start + t.numel() * t.element_size()
+        ranges = seen.setdefault(t.untyped_storage().data_ptr(), [])
+        new = hi - lo - sum(max(0, min(hi, e) - max(lo, b)) for b, e in ranges)
+        if new > 0:
+            total += new
+            ranges.append((lo, hi))
+    return total
+
+
+class StateMeter:
+    """Model-state bytes this rank holds, read from the engine's own tensors: parameters (ZeRO-3:
+    the `ds_tensor` partitions; ZeRO-1/2: the flat bit16 groups), fp32 master partitions, gradients
+    (measured once, just before the first optimizer step, when they exist) and optimizer states."""
+
+    def __init__(self, engine):
+        self.grad_bytes = 0
+        opt = _torch_optimizer(engine.optimizer)
+        self.zero_opt = engine.optimizer if engine.optimizer is not opt else None
+        self.hook = opt.register_step_pre_hook(self._on_step) if opt is not None else None
+        self.engine = engine
+
+    def _grad_tensors(self):
+        opt = _torch_optimizer(self.engine.optimizer)
+        yield from (p.grad for p in self.engine.module.parameters() if p.grad is not None)
+        if opt is not None:
+            yield from (p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None)
+        for attr in ("averaged_gradients", "ipg_buffer", "grad_partitions_flat_buffer"):
+            yield from _tensors(getattr(self.zero_opt, attr, None))
+
+    def _on_step(self, *_):
+        self.grad_bytes = _bytes(self._grad_tensors(), {})
+        self.hook.remove()
+
+    def report(self, engine) -> dict[str, Any]:
+        seen: dict = {}
+        module_params = list(engine.module.parameters())
+        params = _bytes([getattr(p, "ds_tensor", p) for p in module_params]
+                        + list(_tensors(getattr(self.zero_opt, "bit16_groups_flat", None))), seen)
+        master = _bytes(list(_tensors(getattr(self.zero_opt, "single_partition_of_fp32_groups", None)))
+                        + list(_tensors(getattr(self.zero_opt, "fp32_partitioned_groups_flat", None))), seen)
+        opt = _torch_optimizer(engine.optimizer)
+        states = _bytes(list(_tensors(list(opt.state.values()))) if opt is not None else [], seen)
+        n_local = sum(getattr(p, "ds_numel", p.numel()) if hasattr(p, "ds_tensor") else p.numel()
+                      for p in module_params)
+        n_held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module_params)
+        return {"params_local": n_local, "params_held": n_held,
+                "state_bytes": {"params": params, "master": master, "grads": self.grad_bytes,
+                                "optimizer": states, "total": params + master + self.grad_bytes + states}}
+
+
+# ---------------------------------------------------------------- pipeline / model parallel
+
+class PipeOutput:
+    """What the task's eval_batch reads: `.loss` (the last stage's loss, broadcast to every stage)
+    and `.logits` (broadcast from the last stage on first access; every stage must access it)."""
+
+    def __init__(self, loss: torch.Tensor, logits: torch.Tensor | None, src: int, group):
+        self.loss, self._logits, self._src, self._group = loss, logits, src, group
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if dist.get_rank() != self._src or self._logits is None:
+            shape = torch.zeros(3, dtype=torch.long)
+            dist.broadcast(shape, src=self._src, group=self._group)
+            self._logits = torch.empty(*shape.tolist())
+        else:
+            dist.broadcast(torch.tensor(self._logits.shape, dtype=torch.long), src=self._src, group=self._group)
+        dist.broadcast(self._logits, src=self._src, group=self._group)
+        return self._logits
+
+
+class PipelineParallel:
+    """The model's layer list cut into `pipeline.stages` consecutive stages (a PipelineModule);
+    each rank builds and holds only its stage. Activations go forward and gradients backward
+    between neighbouring stages; with one micro-batch (model_parallel.json) only one stage works
+    at a time, with many DeepSpeed's 1F1B schedule overlaps them."""
+
+    name = "pipeline_parallel"
+
+    def __init__(self, model: torch.nn.Module, config: dict[str, Any], layout: Layout):
+        from deepspeed.pipe import PipelineModule
+
+        from tasks.pipeline_layers import causal_lm_loss, pipeline_layers
+
+        self.layout = layout
+        self.hf_model = model
+        pipe_cfg = config.get("pipeline", {})
+        self.names: dict[int, list[str]] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            self.names.setdefault(id(p), []).append(n)
+        layers = pipeline_layers(model, "model")
+        pipe = PipelineModule(layers=layers, num_stages=layout.pp, loss_fn=causal_lm_loss,
+                              partition_method=self.partition_method(pipe_cfg),
+                              seed_layers=False, dynamic_shape=True,
+                              activation_checkpoint_interval=pipe_cfg.get("activation_checkpoint_interval", 0))
+        # DeepSpeed's gradient-norm (clipping) sums over the stages only the parameters marked
+        # model-parallel (Megatron's convention); unmarked, stage 0's norm alone would clip every
+        # stage. Mark each stage's own parameters; a tied copy (ds_pipe_replicated) counts once.
+        for p in pipe.parameters():
+            p.model_parallel = not getattr(p, "ds_pipe_replicated", False)
+        params = [p for p in pipe.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(model=pipe, model_parameters=params, config=config)
+        self.stage = self.engine.zero_optimization_stage()
+        self.meter = StateMeter(self.engine)
+        self.layer_names = [x.typename.__name__ if hasattr(x, "typename") else type(x).__name__ for x in layers]
+
+    @staticmethod
+    def partition_method(pipe_cfg: dict[str, Any]) -> str:
+        """DeepSpeed's `pipeline.partition` ("best", its config default, is not a PipelineModule
+        method): by default balance the transformer blocks ("type:Block")."""
+        method = pipe_cfg.get("partition", "best")
+        return "type:Block" if method == "best" else method
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def monitor(self):
+        return self.engine.monitor
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0]) if self.engine.get_lr() else 0.0
+
+    @staticmethod
+    def _pair(batch: dict[str, torch.Tensor]):
+        return batch["input_ids"], batch.get("labels", batch["input_ids"])
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+        # Every stage gets the iterator: the first stage reads the inputs, the last the labels.
+        loss = self.engine.train_batch(iter([self._pair(b) for b in micro_batches]))
+        return float(loss)  # mean over micro-batches, averaged over dp, broadcast to all stages
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, torch.Tensor]) -> PipeOutput:
+        mon = self.engine.monitor
+        enabled, mon.enabled = mon.enabled, False  # its eval hook expects one scalar
+        try:
+            out = self.engine.eval_batch(iter([self._pair(batch)]), return_logits=True, compute_loss=True,
+                                         reduce_output=None, bcast_loss=False, num_micro_batches=1)
+        finally:
+            mon.enabled = enabled
+        losses, logits = out if isinstance(out, tuple) else (out, None)
+        src = self.engine._loss_stage_global_rank()
+        group = self.engine.grid.get_pipe_parallel_group()
+        loss = losses[0].float().clone() if self.engine.is_last_stage() else torch.zeros(())
+        dist.broadcast(loss, src=src, group=group)
+        return PipeOutput(loss, logits.detach().float() if logits is not None else None, src, group)
+
+    def save(self, ckpt_dir: Path, tag: str, state: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"labs": state})
+
+    def load(self, ckpt_dir: Path) -> dict[str, Any]:
+        path, client = self.engine.load_checkpoint(str(ckpt_dir))
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt_dir}")
+        return client["labs"]
+
+    def full_state_dict(self, ckpt_dir: Path) -> dict[str, torch.Tensor] | None:
+        """Each stage of data-parallel replica 0 sends its parameters (under their HF names) to
+        rank 0, which lays them over its own copy of the HF model's state dict."""
+        mine: dict[str, torch.Tensor] = {}
+        if self.layout.dp_rank(dist.get_rank()) == 0:
+            for p in self.module.parameters():
+                for n in self.names.get(id(p), []):
+                    mine[n] = p.detach().clone()
+        parts: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, parts, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        state = {k: v.detach().clone() for k, v in self.hf_model.state_dict().items()}
+        for part in parts:
+            state.update(part)
+        return state
+
+    def shard_info(self) -> dict[str, Any]:
+        lo, hi = self.module._local_start, self.module._local_stop
+        return {"strategy": self.name, "zero_stage": self.stage, "stage": self.engine.stage_id,
+                "num_stages": self.engine.num_stages, "micro_batches": self.engine.micro_batches,
+                "layers": [int(lo), int(hi)], "layer_types": self.layer_names[lo:hi],
+                "parts": [int(x) for x in self.module.parts], **self.meter.report(self.engine)}
+
+
+# ---------------------------------------------------------------- tensor parallel
+
+class TensorParallel(DataParallel):
+    """DeepSpeed AutoTP: `deepspeed.initialize` sees `tensor_parallel.autotp_size` and replaces
+    each attention/MLP Linear by a shard: q/k/v, gate/up (column-parallel `LinearLayer`, 1/N of
+    the output rows) and o_proj/down_proj (row-parallel `LinearAllreduce`, 1/N of the input
+    columns, all-reduced). Embeddings, norms and lm_head stay whole. All ranks of a TP group must
+    read the same batch (layout.dp_rank gives them the same data-parallel rank)."""
+
+    name = "tensor_parallel"
+
+    def __init__(self, model: torch.nn.Module, config: dict[str, Any], layout: Layout):
+        # DeepSpeed 0.19 checks the batch triad of an AutoTP run against the whole world (it
+        # builds its config before the TP groups exist): train_batch_size = micro x accum x world.
+        # The samples per step stay micro x accum x dp; only DeepSpeed's bookkeeping counts the
+        # TP replicas of each sample.
+        ds_cfg = dict(config, train_batch_size=config["train_micro_batch_size_per_gpu"]
+                      * config["gradient_accumulation_steps"] * layout.world)
+        super().__init__(model, ds_cfg, layout)
+
+    def full_state_dict(self, ckpt_dir: Path) -> dict[str, torch.Tensor] | None:
+        if self.stage == 3:
+            return super().full_state_dict(ckpt_dir)
+        return self.engine._consolidated_16bit_state_dict()  # gathers the shards; collective
+
+    def shard_info(self) -> dict[str, Any]:
+        info = super().shard_info()
+        info["split_shapes"] = {n: list(p.shape) for n, p in self.module.named_parameters()
+                                if (".0." in n or "lm_head" in n) and p.dim() == 2}
+        info["tp_rank"] = dist.get_rank() % self.layout.tp
+        return info
+
 
 def build_strategy(model: torch.nn.Module, config: dict[str, Any], layout: Layout):
-    if layout.pp > 1 or layout.tp > 1:
-        raise NotImplementedError("pipeline/tensor parallel strategies are added in launcher/engine.py")
+    if layout.pp > 1 and layout.tp > 1:
+        raise NotImplementedError("pipeline x tensor parallel (refused by labs plan)")
+    if layout.pp > 1:
+        return PipelineParallel(model, config, layout)
+    if layout.tp > 1:
+        return TensorParallel(model, config, layout)
     return DataParallel(model, config, layout)

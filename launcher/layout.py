@@ -52,4 +52,4 @@ class Layout:
         try:
             return Layout(world=world, tp=tp, pp=stages)
         except LabsError as e:
-            raise LabsError(f"{path}: {e}") from None
+            raise LabsError(f"{path} (tensor_parallel.autotp_size = {tp}, pipeline.stages = {stages}): {e}") from None

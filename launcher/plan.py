@@ -110,6 +110,50 @@ def _check_model(job: Job) -> tuple[int, int] | None:
     return None
 
 
+PIPELINE_ARCHS = ("llama", "mistral", "gpt2")  # the model types tasks/pipeline_layers.py can cut
+
+
+def _model_shape(job: Job) -> dict[str, Any] | None:
+    """(arch, layers, heads, kv heads) from a preset or a local config.json; None for hub ids."""
+    name = job.model.name
+    if name in PRESETS:
+        cfg = PRESETS[name]
+    elif (Path(name).expanduser() / "config.json").is_file():
+        cfg = json.loads((Path(name).expanduser() / "config.json").read_text())
+    else:
+        return None
+    heads = cfg.get("num_attention_heads") or cfg.get("n_head")
+    return {"arch": cfg.get("arch") or cfg.get("model_type"), "heads": heads,
+            "layers": cfg.get("num_hidden_layers") or cfg.get("n_layer"),
+            "kv_heads": cfg.get("num_key_value_heads") or heads}
+
+
+def _check_model_layout(job: Job, layout: Layout) -> None:
+    """Pipeline stages and tensor-parallel size against the model's layers and heads."""
+    if layout.pp == 1 and layout.tp == 1:
+        return
+    shape = _model_shape(job)
+    if shape is None:
+        return  # a hub model: checked when the ranks load it
+    where = f"{job.ds_config} with model.name = {job.model.name!r} ({job.path})"
+    if layout.pp > 1:
+        if shape["arch"] not in PIPELINE_ARCHS:
+            raise LabsError(f"{where}: pipeline.stages = {layout.pp}, but model type {shape['arch']!r} has no "
+                            f"pipeline layer list (tasks/pipeline_layers.py knows {', '.join(PIPELINE_ARCHS)}); "
+                            f"use a ZeRO or tensor_parallel config for it")
+        if shape["layers"] and layout.pp > shape["layers"]:
+            raise LabsError(f"{where}: pipeline.stages = {layout.pp} is more than the model's "
+                            f"{shape['layers']} transformer blocks; each stage needs at least one block: "
+                            f"set pipeline.stages <= {shape['layers']}")
+    if layout.tp > 1:
+        for key in ("heads", "kv_heads"):
+            n = shape[key]
+            if n and n % layout.tp:
+                what = "attention heads" if key == "heads" else "key-value heads"
+                raise LabsError(f"{where}: tensor_parallel.autotp_size = {layout.tp} does not divide the model's "
+                                f"{n} {what}; AutoTP splits whole heads: choose a divisor of {n}")
+
+
 def _check_data(job: Job) -> None:
     d = job.data
     for key in ("train_files", "eval_files"):
@@ -157,6 +201,10 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
     if layout.pp > 1 and dsconfig.zero_stage(cfg) >= 2:
         raise LabsError(f"{job.ds_config}: pipeline.stages = {layout.pp} with zero_optimization.stage = "
                         f"{dsconfig.zero_stage(cfg)}; DeepSpeed's pipeline engine supports ZeRO 0-1 only")
+    if layout.pp > 1 and layout.tp > 1:
+        raise LabsError(f"{job.ds_config}: pipeline.stages = {layout.pp} with tensor_parallel.autotp_size = "
+                        f"{layout.tp}; DeepSpeed's AutoTP does not run inside its pipeline engine: "
+                        f"use one of the two (combine either with data parallelism instead)")
     cfg = dsconfig.resolve_batch(cfg, layout.dp, job.ds_config)
     _check_data(job)
     if job.train.epochs < 1:
@@ -188,6 +236,7 @@ def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: s
     job, cfg, hf, layout = resolve(job_path, ds_config=ds_config, hostfile=hostfile, sets=sets,
                                    dry_run=dry_run, backend=backend)
     params = _check_model(job)
+    _check_model_layout(job, layout)
     if resume:
         rd = find_resume_dir(job, resume)
     elif run_dir:

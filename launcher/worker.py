@@ -275,7 +275,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "tokens_per_s": tokens_seen / train_time if train_time else 0.0,
                "train_time_s": train_time, "run_dir": str(run_dir),
                "model_dir": str(model_dir) if job.train.export else None,
-               "checkpoint_dir": str(ckpt_dir), "trained_rank_host": os.uname().nodename}
+               "checkpoint_dir": str(ckpt_dir), "trained_rank_host": os.uname().nodename,
+               "ranks": _rank_info(strategy, rank, layout.world)}
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _print_summary(summary)
@@ -290,6 +291,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          if os.environ.get("WANDB_MODE") == "offline" else "")
     log.info("done: %d steps, final loss %.4f", step, loss)
     return summary
+
+
+def _rank_info(strategy, rank: int, world: int) -> list[dict[str, Any]]:
+    """Per rank: peak RSS and what the strategy says this rank holds (collective; rank 0 keeps it)."""
+    import resource
+
+    import torch.distributed as dist
+    info = {"rank": rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            **(strategy.shard_info() if hasattr(strategy, "shard_info") else {})}
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, info)
+    return out
 
 
 def _eval_sums(task, strategy, parts, layout, dp_rank: int, mb: int) -> dict[str, float]:

@@ -1,0 +1,234 @@
+"""`labs compare JOB.yaml --strategies zero0,zero2,pipeline,...`: run one job once per strategy
+(same steps, seed, data and global batch; only the DeepSpeed config changes) through the real
+launcher, and write a report folder: report.md (a table), results.json and PNG plots.
+
+    labs compare jobs/compare.yaml --strategies zero0,zero2,zero3,pipeline,model_parallel,tensor_parallel \\
+        --steps 30 --out docs/compare
+
+A strategy is a ds_configs/<name>.json; `name@K` runs it on K local ranks (e.g. `zero0@1`, the
+1-process baseline). Model-state bytes per rank are measured inside each rank from the tensors
+the engine holds (launcher/engine.py StateMeter) and set beside launcher/memory.py's formula.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import LabsError
+from launcher.memory import fmt_bytes
+
+REPO = Path(__file__).resolve().parent.parent
+ALL = ("zero0", "zero1", "zero2", "zero3", "pipeline", "model_parallel", "tensor_parallel")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="labs compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("job", help="job YAML (its ds_config is replaced by each strategy's)")
+    p.add_argument("--strategies", default="zero0,zero2,zero3,pipeline,model_parallel,tensor_parallel",
+                   help=f"comma-separated ds_configs names, optionally NAME@RANKS (known: {', '.join(ALL)})")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per strategy")
+    p.add_argument("--out", help="report folder (default runs/compare/<timestamp>)")
+    p.add_argument("--hostfile", default="hostfiles/localhost")
+    p.add_argument("--set", dest="sets", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra overrides for every run")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from OUT/results.json")
+    args = p.parse_args(argv)
+    args.sets = [s for g in args.sets for s in g]
+    return args
+
+
+def _strategy(spec: str) -> tuple[str, int | None]:
+    name, _, ranks = spec.partition("@")
+    if not (REPO / "ds_configs" / f"{name}.json").is_file():
+        raise LabsError(f"--strategies: {name!r} has no ds_configs/{name}.json; known: {', '.join(ALL)}")
+    return name, int(ranks) if ranks else None
+
+
+def _fp32_formula(stage: int, params: int, dp: int) -> int:
+    """fp32 Adam (these runs): 4 B params + 4 B grads + 8 B moments (+ 4 B fp32 master partition
+    that DeepSpeed's ZeRO optimizers keep even in fp32), sharded by stage."""
+    n = max(dp, 1)
+    if stage == 0:
+        return 16 * params
+    if stage == 1:
+        return 8 * params + 12 * params // n
+    if stage == 2:
+        return 4 * params + 16 * params // n
+    return 16 * params // n
+
+
+def run_one(args, spec: str, out: Path) -> dict[str, Any]:
+    from launcher.plan import make_plan
+
+    name, ranks = _strategy(spec)
+    label = spec.replace("@", "_at")
+    hostfile = args.hostfile
+    if ranks:
+        hostfile = str(out / "hosts" / f"slots{ranks}")
+        Path(hostfile).parent.mkdir(parents=True, exist_ok=True)
+        Path(hostfile).write_text(f"localhost slots={ranks}\n")
+    extra = [f"train.max_steps={args.steps}", "train.export=false", "train.eval_every=0"]
+    if name in ("pipeline", "model_parallel") and ranks == 1:
+        extra.append("ds.pipeline.stages=1")
+    if name == "tensor_parallel" and ranks == 1:
+        extra.append("ds.tensor_parallel.autotp_size=1")
+    sets = [*args.sets, *extra]
+    ds = f"ds_configs/{name}.json"
+    plan = make_plan(args.job, ds_config=ds, hostfile=hostfile, sets=sets)  # refuse before launching
+    runs = out / "runs" / label
+    cmd = [sys.executable, "-m", "launcher.cli", "launch", args.job, "--ds-config", ds, "--hostfile", hostfile,
+           "--set", f"train.output_dir={runs}", *sets]
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    print(f"== {spec}: {plan.layout.describe()} ... ", end="", flush=True)
+    t0 = time.perf_counter()
+    with open(out / "logs" / f"{label}.log", "w") as log:
+        code = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    dirs = sorted(runs.glob("*/*/summary.json"))
+    if code != 0 or not dirs:
+        raise LabsError(f"strategy {spec} failed (exit {code}); see {out / 'logs' / f'{label}.log'}")
+    run_dir = dirs[-1].parent
+    summ = json.loads((run_dir / "summary.json").read_text())
+    train = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["kind"] == "train"]
+    total, largest = plan.params or (0, 0)
+    lay = plan.layout
+    ranks_info = summ["ranks"]
+    stage = plan.zero_stage
+    res = {
+        "strategy": spec, "ds_config": ds, "world": lay.world, "dp": lay.dp, "tp": lay.tp, "pp": lay.pp,
+        "zero_stage": stage, "micro_batches": plan.ds_config["gradient_accumulation_steps"],
+        "global_batch": plan.ds_config["train_batch_size"], "steps": summ["steps"],
+        "final_loss": summ["final_train_loss"], "eval_loss": summ.get("eval_loss"),
+        "tokens_per_s": summ["tokens_per_s"],
+        "step_time_s": statistics.median(r["step_time_s"] for r in train[1:] or train),
+        "losses": [r["loss"] for r in train], "wall_s": wall,
+        "peak_rss_bytes": [r["peak_rss_bytes"] for r in ranks_info],
+        "state_bytes": [r["state_bytes"]["total"] for r in ranks_info],
+        "state_detail": [r["state_bytes"] for r in ranks_info],
+        "params_per_rank": [r["params_local"] for r in ranks_info],
+        "formula_mixed_bytes": plan.memory().get(stage),
+        "formula_fp32_bytes": [_fp32_formula(stage, r["params_local"], lay.dp) for r in ranks_info],
+        "params_total": total, "run_dir": str(run_dir),
+    }
+    print(f"loss {res['final_loss']:.4f}, {res['tokens_per_s']:.0f} tok/s, {wall:.0f} s", flush=True)
+    return res
+
+
+def _mib(b: float) -> str:
+    return fmt_bytes(b)
+
+
+def write_report(results: list[dict[str, Any]], out: Path, job: str, steps: int, command: str) -> None:
+    rows = ["| strategy | ranks (dp x tp x pp) | micro-batches | tokens/s | time/step | peak RSS / rank "
+            "| model states / rank (measured) | fp32 formula | plan formula (mixed prec.) | final loss |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        rows.append(
+            f"| {r['strategy']} | {r['world']} ({r['dp']} x {r['tp']} x {r['pp']}) | {r['micro_batches']} "
+            f"| {r['tokens_per_s']:.0f} | {r['step_time_s']:.3f} s "
+            f"| {' / '.join(_mib(b) for b in r['peak_rss_bytes'])} "
+            f"| {' / '.join(_mib(b) for b in r['state_bytes'])} "
+            f"| {' / '.join(_mib(b) for b in r['formula_fp32_bytes'])} "
+            f"| {_mib(r['formula_mixed_bytes']) if r['formula_mixed_bytes'] else '-'} | {r['final_loss']:.4f} |")
+    first = results[0]
+    text = [f"# Strategy comparison: `{job}`", "",
+            f"Produced by `{command}` on this machine ({steps} steps per strategy, global batch "
+            f"{first['global_batch']} sequences, same seed and data; fp32, CPU, gloo).", "",
+            *rows, "",
+            "- tokens/s: all tokens of the run / training time (rank 0's clock, first step included); "
+            "time/step: median step after the first.",
+            "- peak RSS / rank: `ru_maxrss` of each rank process (includes Python, torch, the tokenizer and the "
+            "full HF model every rank builds before sharding).",
+            "- model states / rank: parameters + gradients + optimizer states (+ ZeRO's fp32 master partition) "
+            "counted from the tensors the engine holds on that rank (`StateMeter` in launcher/engine.py); "
+            "'fp32 formula' is the ZeRO accounting for these fp32 runs on the rank's parameters; 'plan formula' "
+            "is what `labs plan` prints (mixed-precision Adam, 20 B/param at ZeRO-0).", "",
+            "![loss curves](loss.png)", "", "![throughput](throughput.png)", "", "![memory per rank](memory.png)", ""]
+    (out / "report.md").write_text("\n".join(text))
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plots(results, out)
+
+
+def _plots(results: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["strategy"] for r in results]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in results:
+        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=r["strategy"], linewidth=1.5, alpha=0.8)
+    ax.set(xlabel="step", ylabel="train loss", title="Training loss per strategy (same seed, data, global batch)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    axes[0].bar(names, [r["tokens_per_s"] for r in results], color="tab:blue")
+    axes[0].set(ylabel="tokens / s", title="Throughput")
+    axes[1].bar(names, [r["step_time_s"] for r in results], color="tab:orange")
+    axes[1].set(ylabel="seconds", title="Median time per step")
+    for a in axes:
+        a.tick_params(axis="x", rotation=30)
+        a.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.38
+    for ax, key, title in ((axes[0], "state_bytes", "Model states per rank (measured)"),
+                           (axes[1], "peak_rss_bytes", "Peak RSS per rank")):
+        for k in range(max(len(r[key]) for r in results)):
+            xs = [i + (k - 0.5) * width for i in range(len(results))]
+            ys = [r[key][k] / 2**20 if k < len(r[key]) else 0 for r in results]
+            ax.bar(xs, ys, width, label=f"rank {k}")
+        if key == "state_bytes":
+            ax.scatter(range(len(results)), [max(r["formula_fp32_bytes"]) / 2**20 for r in results],
+                       color="black", marker="_", s=400, zorder=3, label="fp32 ZeRO formula (max rank)")
+        ax.set_xticks(range(len(results)), names, rotation=30)
+        ax.set(ylabel="MiB", title=title)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
+    import datetime as dt
+
+    out = Path(args.out or REPO / "runs" / "compare" / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        results = json.loads((out / "results.json").read_text())
+    else:
+        specs = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        for s in specs:
+            _strategy(s)
+        results = [run_one(args, s, out) for s in specs]
+    write_report(results, out, args.job, args.steps, command)
+    print(f"\nreport: {out / 'report.md'}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    run(args, "labs compare " + " ".join(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
