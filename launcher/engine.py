@@ -36,18 +36,10 @@ def dp_mean(value: torch.Tensor, group=None, size: int | None = None) -> float:
     return float(t)
 
 
-class DataParallel:
-    """Every rank holds the model (ZeRO shards optimizer/grads/params by stage) and reads its own
-    slice of each global batch; DeepSpeed averages gradients across ranks."""
+class EngineAccess:
+    """What every strategy reads off its DeepSpeed engine (set as `self.engine`)."""
 
-    name = "data_parallel"
-
-    def __init__(self, model: torch.nn.Module, config: dict[str, Any], layout: Layout):
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
-        self.layout = layout
-        self.stage = self.engine.zero_optimization_stage()
-        self.meter = StateMeter(self.engine)
+    engine: Any
 
     @property
     def module(self) -> torch.nn.Module:
@@ -59,6 +51,20 @@ class DataParallel:
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0]) if self.engine.get_lr() else 0.0
+
+
+class DataParallel(EngineAccess):
+    """Every rank holds the model (ZeRO shards optimizer/grads/params by stage) and reads its own
+    slice of each global batch; DeepSpeed averages gradients across ranks."""
+
+    name = "data_parallel"
+
+    def __init__(self, model: torch.nn.Module, config: dict[str, Any], layout: Layout):
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+        self.layout = layout
+        self.stage = self.engine.zero_optimization_stage()
+        self.meter = StateMeter(self.engine)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
         self.engine.train()
@@ -199,7 +205,7 @@ class PipeOutput:
         return self._logits
 
 
-class PipelineParallel:
+class PipelineParallel(EngineAccess):
     """The model's layer list cut into `pipeline.stages` consecutive stages (a PipelineModule);
     each rank builds and holds only its stage. Activations go forward and gradients backward
     between neighbouring stages; with one micro-batch (model_parallel.json) only one stage works
@@ -240,17 +246,6 @@ class PipelineParallel:
         method): by default balance the transformer blocks ("type:Block")."""
         method = pipe_cfg.get("partition", "best")
         return "type:Block" if method == "best" else method
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.engine.module
-
-    @property
-    def monitor(self):
-        return self.engine.monitor
-
-    def lr(self) -> float:
-        return float(self.engine.get_lr()[0]) if self.engine.get_lr() else 0.0
 
     @staticmethod
     def _pair(batch: dict[str, torch.Tensor]):

@@ -81,6 +81,16 @@ def check_model_folder(path: Path) -> None:
                         f"export the model with save_pretrained() or use a preset: {', '.join(PRESETS)}")
 
 
+def check_loadable(name: str, presets: str) -> None:
+    """A model that is not a preset is a save_pretrained() folder, or a hub id when online."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        check_model_folder(path)
+    elif os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise LabsError(f"model {name!r} is a hub id and HF_HUB_OFFLINE=1; give a local folder "
+                        f"(--set model.name=/path) or a preset ({presets})")
+
+
 def load_tokenizer(name: str, model_name: str):
     """Tokenizer by name: a built-in kind (llama-sp, gpt2-bpe), a folder or a hub id."""
     if name in VOCAB:
@@ -107,12 +117,7 @@ def build_causal_lm(name: str, tokenizer: str | None = None):
                             f"has {len(tok)}. Drop model.tokenizer to use the preset's own")
         model = AutoModelForCausalLM.from_config(preset_config(name, vocab), dtype=torch.float32)
         return model, tok
-    path = Path(name).expanduser()
-    if path.is_dir():
-        check_model_folder(path)
-    elif os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise LabsError(f"model {name!r} is a hub id and HF_HUB_OFFLINE=1; give a local folder "
-                        f"(--set model.name=/path) or a preset ({', '.join(PRESETS)})")
+    check_loadable(name, ", ".join(PRESETS))
     try:
         AutoConfig.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)

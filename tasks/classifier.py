@@ -9,7 +9,6 @@ checkpoint has none or a different size).
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -104,7 +103,7 @@ def build_classifier(name: str, num_labels: int, tokenizer: str | None = None, l
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
     from transformers.utils import logging as hf_logging
 
-    from tasks.causal_lm import check_model_folder
+    from tasks.causal_lm import check_loadable
     hf_logging.set_verbosity_error()  # "newly initialized: classifier.weight" is the point here
     labels = dict(num_labels=num_labels)
     if label_names:
@@ -123,12 +122,7 @@ def build_classifier(name: str, num_labels: int, tokenizer: str | None = None, l
             return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32), tok
         source = weights
     else:
-        path = Path(name).expanduser()
-        if path.is_dir():
-            check_model_folder(path)
-        elif os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise LabsError(f"model {name!r} is a hub id and HF_HUB_OFFLINE=1; give a local folder "
-                            f"(--set model.name=/path) or a preset (bert-tiny, bert-small, minilm-l6)")
+        check_loadable(name, "bert-tiny, bert-small, minilm-l6")
         try:
             tok = AutoTokenizer.from_pretrained(tokenizer or name)
         except Exception as e:
