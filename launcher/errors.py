@@ -7,8 +7,3 @@ with exit code 2. Bugs are any other exception and keep their tracebacks.
 
 class LabsError(Exception):
     """A user mistake: bad config, missing file, impossible layout. The message names the fix."""
-
-
-def where(path: str, field: str | None = None) -> str:
-    """'file: field' prefix used by every validation message."""
-    return f"{path}: {field}" if field else str(path)

@@ -20,26 +20,6 @@ class Hostfile:
     def world_size(self) -> int:
         return sum(self.hosts.values())
 
-    @property
-    def is_local(self) -> bool:
-        return all(h in ("localhost", "127.0.0.1") for h in self.hosts)
-
-    def filtered(self, include: str | None = None, exclude: str | None = None) -> Hostfile:
-        """Apply DeepSpeed-style `--include/--exclude host1@host2` (whole hosts only)."""
-        hosts = dict(self.hosts)
-        if include:
-            names = [n.split(":")[0] for n in include.split("@")]
-            unknown = [n for n in names if n not in hosts]
-            if unknown:
-                raise LabsError(f"--include names {unknown} not in {self.path} (hosts: {list(hosts)})")
-            hosts = {h: s for h, s in hosts.items() if h in names}
-        if exclude:
-            names = [n.split(":")[0] for n in exclude.split("@")]
-            hosts = {h: s for h, s in hosts.items() if h not in names}
-        if not hosts:
-            raise LabsError(f"{self.path}: --include/--exclude left no hosts")
-        return Hostfile(self.path, hosts)
-
 
 def parse_hostfile(text: str, path: str = "<hostfile>") -> Hostfile:
     hosts: dict[str, int] = {}

@@ -6,7 +6,6 @@ result and `labs launch` prints it and runs it. Nothing here imports torch or De
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import os
@@ -311,8 +310,3 @@ def render(plan: Plan) -> str:
     lines += [f"  {k}={mask(k, v)}" for k, v in plan.env.items()]
     lines += ["", "== command", "  " + " ".join(plan.command)]
     return "\n".join(lines)
-
-
-def plan_summary(plan: Plan) -> dict[str, Any]:
-    return {"layout": dataclasses.asdict(plan.layout) | {"dp": plan.layout.dp},
-            "zero_stage": plan.zero_stage, "memory": plan.memory()}

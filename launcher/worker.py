@@ -104,7 +104,6 @@ class Metrics:
     """metrics.jsonl on global rank 0, mirrored to the DeepSpeed monitors (W&B, csv, tensorboard)."""
 
     def __init__(self, path: Path, rank: int, samples_per_step: int):
-        self.rank = rank
         self.file = open(path, "a") if rank == 0 else None
         self.monitor = None
         # DeepSpeed's monitors log at step = samples seen (its own Train/Samples/lr); W&B drops
