@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -348,11 +349,34 @@ def main(argv: list[str] | None = None, default_task: str | None = None) -> None
     except LabsError as e:
         print(f"[rank {os.environ.get('RANK', '0')}] error: {e}", file=sys.stderr, flush=True)
         code = 2
-    finally:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    sys.exit(code)
+    except BaseException:  # printed here: _leave may end the process before Python would print it
+        traceback.print_exc()
+        code = 1
+    _leave(code)
+
+
+def _leave(code: int) -> None:
+    """End this rank. With a process group: a last barrier when all went well, then ``os._exit``.
+
+    Tearing gloo down on the way out (destroy_process_group or the interpreter's own finalisers) races
+    with peers on other hosts that have already gone: the job then ends in ``terminate called without
+    an active exception`` (SIGABRT) on a rank that trained correctly. Everything this rank wrote is
+    closed by now, so flushing the streams and leaving without C++ teardown is safe; on an error the
+    rank leaves at once and its peers fail on the closed connection instead of waiting on a barrier.
+    """
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        sys.exit(code)
+    if code == 0:
+        try:
+            dist.barrier()
+        except Exception as e:  # a peer died after this rank finished
+            print(f"[rank {os.environ.get('RANK', '0')}] error: final barrier failed: {e}", file=sys.stderr)
+            code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
