@@ -8,12 +8,15 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from launcher.errors import LabsError
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -22,7 +25,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hostfile", help="DeepSpeed hostfile (overrides the job's)")
     p.add_argument("--set", dest="sets", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a job field (train.epochs=2) or a DeepSpeed key (ds.zero_optimization.stage=3)")
-    p.add_argument("--backend", help="local | torchrun (overrides the job's)")
+    p.add_argument("--backend", help="auto | local | torchrun | ssh | slurm (overrides the job's)")
+    p.add_argument("--include", help="DeepSpeed's host/slot filter: node1@node2:0,1 (cluster.include)")
+    p.add_argument("--exclude", help="hosts or slots left out: node3 or node2:1 (cluster.exclude)")
+    p.add_argument("--ssh_port", type=int, help="ssh port of the hosts (cluster.ssh_port)")
+    p.add_argument("--master_addr", help="rank 0's address, reachable from every host (cluster.master_addr)")
+    p.add_argument("--launcher", help="ssh backend: pdsh (default) | openmpi (cluster.launcher)")
+    p.add_argument("--detach", action="store_true", help="slurm backend: return after sbatch, do not wait")
     p.add_argument("--dry_run", "--dry-run", action="store_true", help="a handful of samples on CPU, offline")
     p.add_argument("--epochs", type=int)
     p.add_argument("--max_steps", type=int)
@@ -35,7 +44,10 @@ def _plan(args: argparse.Namespace):
     from launcher.plan import make_plan
 
     sets = [s for group in args.sets for s in group]
-    for flag, key in (("epochs", "train.epochs"), ("max_steps", "train.max_steps"), ("data_dir", "data.data_dir")):
+    for flag, key in (("epochs", "train.epochs"), ("max_steps", "train.max_steps"), ("data_dir", "data.data_dir"),
+                      ("include", "cluster.include"), ("exclude", "cluster.exclude"),
+                      ("ssh_port", "cluster.ssh_port"), ("master_addr", "cluster.master_addr"),
+                      ("launcher", "cluster.launcher")):
         if getattr(args, flag) is not None:
             sets.append(f"{key}={getattr(args, flag)}")
     if not args.job:
@@ -52,22 +64,99 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from launcher.plan import render, write_run_files
+    from launcher.backends import check_ssh, check_tools
+    from launcher.plan import mask, render, write_run_files
 
     plan = _plan(args)
     print(render(plan), flush=True)
+    backend = plan.job.backend
+    if backend == "ssh":
+        print(f"\n== checking ssh to {', '.join(plan.hostfile.hosts)}", flush=True)
+        check_tools(plan)
+        check_ssh(plan)  # before anything is written: a dead host leaves no empty run folder
     write_run_files(plan)
     env = os.environ | plan.env | {"DS_ENV_FILE": str((plan.run_dir / "ds_env").resolve())}
-    print(f"\n== launching {plan.layout.world} ranks ({plan.job.backend}); logs in {plan.run_dir}/logs", flush=True)
-    try:
-        code = subprocess.call(plan.command, env=env)
-    except KeyboardInterrupt:
-        code = 130
+    if backend == "slurm":
+        return _submit_slurm(plan, env, detach=args.detach)
+    print(f"\n== launching {plan.layout.world} ranks ({backend}); logs in {plan.run_dir}/logs", flush=True)
+    # from the repository root: DeepSpeed's multi-node runner cds every host to its own folder
+    code = _run_masked(plan.command, env, cwd=REPO if backend == "ssh" else None,
+                       secrets=[v for k, v in plan.env.items() if mask(k, v) != v])
     if code == 0:
         print(f"\nrun finished: {plan.run_dir} (summary.json, metrics.jsonl, hf/, checkpoints/)")
     else:
         print(f"\nrun failed with exit code {code}; see {plan.run_dir}/logs", file=sys.stderr)
     return code
+
+
+def _run_masked(cmd: list[str], env: dict[str, str], cwd, secrets: list[str]) -> int:
+    """Run the launcher; with secrets in the ranks' environment, its output passes through a filter
+    that hides them: DeepSpeed's multi-node runner logs its whole pdsh command, exports included."""
+    try:
+        if not secrets:
+            return subprocess.call(cmd, env=env, cwd=cwd)
+        with subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+            for line in io.TextIOWrapper(proc.stdout, newline="", errors="replace"):  # '\r' ends a line too
+                for secret in secrets:
+                    line = line.replace(secret, "***")
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            return proc.wait()
+    except KeyboardInterrupt:
+        return 130
+
+
+SLURM_FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+               "BOOT_FAIL", "DEADLINE"}
+
+
+def _slurm_state(job_id: str, env: dict[str, str]) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, env=env).stdout
+    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    return fields.get("JobState", "UNKNOWN")
+
+
+def _submit_slurm(plan, env: dict[str, str], detach: bool) -> int:
+    """sbatch the rendered script; then (unless detached) poll until the job ends and show its output."""
+    import shutil
+    import time
+
+    from launcher.backends import render_slurm_script
+    script = plan.run_dir / "slurm_job.sh"
+    script.write_text(render_slurm_script(plan))
+    script.chmod(0o755)
+    (plan.run_dir / "logs").mkdir(exist_ok=True)  # Slurm does not create the --output folder
+    if not shutil.which("sbatch"):
+        raise LabsError(f"sbatch not found: --backend slurm runs on a Slurm login node; the job script is "
+                        f"written to {script} (submit it there with `sbatch {script}`)")
+    res = subprocess.run(plan.command, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise LabsError(f"sbatch {script} failed ({res.returncode}): {res.stderr.strip() or res.stdout.strip()}")
+    job_id = res.stdout.strip().split(";")[0]
+    log = plan.run_dir / "logs" / f"slurm-{job_id}.out"
+    (plan.run_dir / "slurm_job_id").write_text(job_id + "\n")
+    print(f"\n== submitted Slurm job {job_id} ({len(plan.hostfile.hosts)} node(s) x "
+          f"{next(iter(plan.hostfile.hosts.values()))} rank(s)); output: {log}", flush=True)
+    if detach:
+        print(f"   follow it with `squeue -j {job_id}` and `tail -f {log}`; stop it with `scancel {job_id}`")
+        return 0
+    state, last = "UNKNOWN", ""
+    try:
+        while (state := _slurm_state(job_id, env)) not in SLURM_FINAL:
+            if state != last:
+                print(f"   job {job_id}: {state}", flush=True)
+                last = state
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; job {job_id} goes on (scancel {job_id} to stop it)", file=sys.stderr)
+        return 130
+    if log.is_file():
+        print(log.read_text()[-6000:], end="", flush=True)
+    if state != "COMPLETED":
+        print(f"\nSlurm job {job_id} ended {state}; see {log}", file=sys.stderr)
+        return 1
+    print(f"\nrun finished: {plan.run_dir} (Slurm job {job_id} COMPLETED)")
+    return 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

@@ -55,3 +55,55 @@ def load_hostfile(path: str | Path) -> Hostfile:
             f"or write one with lines 'HOST slots=N'"
         )
     return parse_hostfile(p.read_text(), str(path))
+
+
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_local(host: str) -> bool:
+    """True for names of this machine (localhost, its hostname); a name may still resolve here
+    through /etc/hosts, which is not looked at: such a hostfile needs `--backend ssh` or `local`."""
+    import socket
+    return host in LOCAL_NAMES or host in (socket.gethostname(), socket.getfqdn())
+
+
+def _parse_filter(text: str, hf: Hostfile, flag: str) -> dict[str, list[int] | None]:
+    """DeepSpeed's --include/--exclude syntax: 'node1@node2:0,2' -> {node1: None, node2: [0, 2]}."""
+    out: dict[str, list[int] | None] = {}
+    for entry in text.split("@"):
+        host, _, slots = entry.strip().partition(":")
+        if host not in hf.hosts:
+            raise LabsError(f"{flag} {text!r}: host {host!r} is not in {hf.path} "
+                            f"(hosts: {', '.join(hf.hosts)}); write hosts joined by '@', e.g. node1@node2:0,1")
+        if not slots:
+            out[host] = None
+            continue
+        try:
+            picked = sorted({int(x) for x in slots.split(",")})
+        except ValueError:
+            raise LabsError(f"{flag} {text!r}: slots of {host!r} must be numbers, e.g. {host}:0,1") from None
+        if picked[0] < 0 or picked[-1] >= hf.hosts[host]:
+            raise LabsError(f"{flag} {text!r}: {host} has slots 0..{hf.hosts[host] - 1} in {hf.path}")
+        out[host] = picked
+    return out
+
+
+def select(hf: Hostfile, include: str = "", exclude: str = "") -> Hostfile:
+    """The hosts and slot counts that run, after DeepSpeed's --include/--exclude filters."""
+    if include and exclude:
+        raise LabsError("--include and --exclude (cluster.include / cluster.exclude) cannot be used "
+                        "together; DeepSpeed accepts one of them")
+    if not (include or exclude):
+        return hf
+    if include:
+        picked = _parse_filter(include, hf, "--include")
+        hosts = {h: hf.hosts[h] if s is None else len(s) for h, s in picked.items()}
+        hosts = {h: hosts[h] for h in hf.hosts if h in hosts}  # keep the file's order
+    else:
+        dropped = _parse_filter(exclude, hf, "--exclude")
+        hosts = {h: n if h not in dropped else (0 if dropped[h] is None else n - len(dropped[h]))
+                 for h, n in hf.hosts.items()}
+        hosts = {h: n for h, n in hosts.items() if n > 0}
+    if not hosts:
+        raise LabsError(f"--exclude {exclude!r} leaves no host of {hf.path} to run on")
+    return Hostfile(hf.path, hosts)

@@ -83,17 +83,42 @@ class WandbSection:
 
 
 @dataclass
+class ClusterSection:
+    """How ranks reach other hosts (backends ssh and slurm); the CLI flags of the same names override."""
+    include: str = ""
+    """DeepSpeed's syntax: hosts joined by '@', slots after ':' (node1@node2:0,1); only these run."""
+    exclude: str = ""
+    """Same syntax; these hosts (or slots) do not run. Not together with include."""
+    ssh_port: int | None = None
+    master_addr: str | None = None
+    """Address of rank 0 that every host can reach; default: DeepSpeed asks the first host (hostname -I)."""
+    launcher: str = "pdsh"
+    """ssh backend: pdsh (DeepSpeed's default) or openmpi (mpirun; needs mpi4py on every host)."""
+    ssh_timeout: int = 5
+    """Seconds each host gets to answer the ssh check before launch."""
+    partition: str | None = None
+    """slurm backend: #SBATCH --partition."""
+    time: str = "01:00:00"
+    """slurm backend: #SBATCH --time."""
+    cpus_per_task: int | None = None
+    """slurm backend: CPUs for each node's launcher (all its ranks); default: 1 per rank."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """slurm backend: more sbatch flags (e.g. [--account=ml, --gres=gpu:4])."""
+
+
+@dataclass
 class Job:
     name: str = "job"
     task: str = "fine_tune"
     ds_config: str = "ds_configs/zero2.json"
     hostfile: str = "hostfiles/localhost"
-    backend: str = "local"
-    """local | torchrun | ssh | docker | slurm."""
+    backend: str = "auto"
+    """auto (local when every host is this machine, else ssh) | local | torchrun | ssh | slurm."""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     wandb: WandbSection = field(default_factory=WandbSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     options: dict[str, Any] = field(default_factory=dict)
     """Task-specific options, checked by the task (e.g. LoRA rank for `tinyllama`)."""
     ds: dict[str, Any] = field(default_factory=dict)

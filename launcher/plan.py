@@ -18,7 +18,7 @@ import yaml
 
 from launcher import dsconfig
 from launcher.errors import LabsError
-from launcher.hostfile import Hostfile, load_hostfile
+from launcher.hostfile import Hostfile, is_local, load_hostfile, select
 from launcher.job import Job, _build, job_to_dict, load_job
 from launcher.layout import Layout
 from launcher.memory import fmt_bytes, zero_model_state_bytes
@@ -28,7 +28,8 @@ from tasks.presets import PRESETS, VOCAB, count_params
 
 REPO = Path(__file__).resolve().parent.parent
 DRY_RUN_CONFIG = "ds_configs/cpu_dry_run.json"
-BACKENDS = ("local", "torchrun")
+BACKENDS = ("auto", "local", "torchrun", "ssh", "slurm")
+LAUNCHERS = ("pdsh", "openmpi")
 
 
 @dataclass
@@ -189,13 +190,18 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
         raise LabsError(f"{job.path}: task = {job.task!r} does not exist; tasks: {', '.join(sorted(TASKS))}")
     if job.backend not in BACKENDS:
         raise LabsError(f"{job.path}: backend = {job.backend!r}; choose one of {', '.join(BACKENDS)}")
+    if job.cluster.launcher not in LAUNCHERS:
+        raise LabsError(f"{job.path}: cluster.launcher = {job.cluster.launcher!r}; choose one of "
+                        f"{', '.join(LAUNCHERS)} (--launcher)")
     _build(OPTIONS[job.task], job.options, job.path, "options.")
     ds_path = _abs(job.ds_config)
     cfg = dsconfig.load_ds_config(ds_path)
     for key, value in job.ds.items():
         dsconfig.set_dotted(cfg, key, value)
     dsconfig.check_keys(cfg, job.ds_config)
-    hf = load_hostfile(_abs(job.hostfile))
+    hf = select(load_hostfile(_abs(job.hostfile)), job.cluster.include, job.cluster.exclude)
+    if world is None:  # in a rank the launcher already chose; here the backend must fit the hosts
+        _choose_backend(job, hf)
     layout = Layout.from_ds_config(cfg, world or hf.world_size, job.ds_config)
     if layout.pp > 1 and dsconfig.zero_stage(cfg) >= 2:
         raise LabsError(f"{job.ds_config}: pipeline.stages = {layout.pp} with zero_optimization.stage = "
@@ -209,6 +215,25 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
     if job.train.epochs < 1:
         raise LabsError(f"{job.path}: train.epochs = {job.train.epochs}; it must be >= 1")
     return job, cfg, hf, layout
+
+
+def _choose_backend(job: Job, hf: Hostfile) -> None:
+    """auto -> local or ssh by the hosts; a backend that cannot reach the hosts is refused."""
+    remote = [h for h in hf.hosts if not is_local(h)]
+    if job.backend == "auto":
+        job.backend = "ssh" if remote else "local"
+    if job.backend in ("local", "torchrun") and remote:
+        raise LabsError(f"{hf.path}: hosts {', '.join(remote)} are not this machine, but backend = "
+                        f"{job.backend!r} starts ranks here only; use --backend ssh (or slurm), or "
+                        f"--hostfile hostfiles/localhost")
+    if job.backend == "local" and len(hf.hosts) > 1:
+        raise LabsError(f"{hf.path}: {len(hf.hosts)} hosts for backend 'local'; list this machine once")
+    if job.backend == "slurm" and len(set(hf.hosts.values())) > 1:
+        raise LabsError(f"{hf.path}: slots differ between hosts ({', '.join(f'{h}={n}' for h, n in hf.hosts.items())})"
+                        f"; with --backend slurm the hostfile gives the shape (one line per node, the same "
+                        f"slots = ranks on each) and Slurm picks the nodes")
+    if job.backend != "ssh" and job.cluster.launcher != "pdsh":
+        raise LabsError(f"{job.path}: cluster.launcher = {job.cluster.launcher!r} applies to --backend ssh only")
 
 
 def _abs(p: str) -> str:
@@ -230,7 +255,7 @@ def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: s
               sets: list[str] | tuple[str, ...] = (), dry_run: bool = False, resume: str | None = None,
               backend: str | None = None, master_port: int | None = None,
               run_dir: str | None = None) -> Plan:
-    from launcher.backends import build_command, runner_env
+    from launcher.backends import build_command, check_env, runner_env
 
     job, cfg, hf, layout = resolve(job_path, ds_config=ds_config, hostfile=hostfile, sets=sets,
                                    dry_run=dry_run, backend=backend)
@@ -242,12 +267,13 @@ def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: s
         rd = Path(run_dir)
     else:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        rd = Path(job.train.output_dir) / job.name / stamp
+        rd = Path(job.train.output_dir).resolve() / job.name / stamp  # absolute: ranks may start elsewhere
         if rd.exists():
             raise LabsError(f"run folder {rd} already exists; wait a second or set train.output_dir")
     plan = Plan(job=job, ds_config=cfg, hostfile=hf, layout=layout, run_dir=rd, params=params,
                 dry_run=dry_run, resume=resume, master_port=master_port or free_port())
     plan.env = runner_env(plan)
+    check_env(plan.env)
     plan.command = build_command(plan)
     return plan
 
@@ -271,11 +297,13 @@ def find_resume_dir(job: Job, resume: str) -> Path:
 
 def write_run_files(plan: Plan) -> None:
     """Create the run folder and write the resolved job, DeepSpeed config and runner env file."""
+    from launcher.backends import env_file_text
     plan.run_dir.mkdir(parents=True, exist_ok=bool(plan.resume))
     (plan.run_dir / "job.yaml").write_text(yaml.safe_dump(job_to_dict(plan.job), sort_keys=False))
     (plan.run_dir / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2) + "\n")
-    # DeepSpeed's runner splits every line on '='; blank or comment lines crash it.
-    (plan.run_dir / "ds_env").write_text("".join(f"{k}={v}\n" for k, v in plan.env.items()))
+    env_file = plan.run_dir / "ds_env"  # may hold secrets (WANDB_API_KEY): readable by the owner only
+    env_file.touch(mode=0o600)
+    env_file.write_text(env_file_text(plan.env))
 
 
 SECRET_SUFFIXES = ("KEY", "TOKEN", "SECRET", "PASSWORD")
@@ -291,7 +319,15 @@ def render(plan: Plan) -> str:
     lines = ["== job", yaml.safe_dump(job_to_dict(job), sort_keys=False).rstrip(), "",
              f"== DeepSpeed config ({job.ds_config}, after overrides)", json.dumps(cfg, indent=2), "",
              f"== hostfile ({job.hostfile})"]
+    c = job.cluster
+    lines[-1] += (f", --include {c.include}" if c.include else "") + (f", --exclude {c.exclude}" if c.exclude else "")
     lines += [f"  {h} slots={s}" for h, s in plan.hostfile.hosts.items()]
+    if job.backend == "ssh":
+        lines.append(f"  backend ssh ({c.launcher}): at launch every host must answer `ssh -o BatchMode=yes "
+                     f"-o ConnectTimeout={c.ssh_timeout}` and hold {REPO} and this venv at the same path")
+    elif job.backend == "slurm":
+        lines.append(f"  backend slurm: {len(plan.hostfile.hosts)} node(s) x {next(iter(plan.hostfile.hosts.values()))}"
+                     f" rank(s); Slurm picks the nodes; the job script is written to {plan.run_dir}/slurm_job.sh")
     lines += ["", "== layout", f"  {lay.describe()}",
               f"  train_batch_size {cfg['train_batch_size']} = micro batch "
               f"{cfg['train_micro_batch_size_per_gpu']} x grad accum {cfg['gradient_accumulation_steps']}"

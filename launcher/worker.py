@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                dynamic_ncols=True, mininterval=1.0, file=sys.stdout)
     eval_result: dict[str, float] = {}
     last_eval = last_save = -1
-    train_time, tokens_seen, loss = 0.0, 0, float("nan")
+    train_time, tokens_seen, loss, local_samples = 0.0, 0, float("nan"), 0
     while step < total:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch)
@@ -235,6 +235,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          for b in micro) * layout.dp
             t0 = time.perf_counter()
             loss = strategy.train_step(micro)
+            local_samples += sum(len(b["input_ids"]) for b in micro)
             dt_step = time.perf_counter() - t0
             step += 1
             train_time += dt_step
@@ -276,7 +277,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "train_time_s": train_time, "run_dir": str(run_dir),
                "model_dir": str(model_dir) if job.train.export else None,
                "checkpoint_dir": str(ckpt_dir), "trained_rank_host": os.uname().nodename,
-               "ranks": _rank_info(strategy, rank, layout.world)}
+               "ranks": _rank_info(strategy, rank, layout.world, local_samples)}
+    # every rank says where it ran and what it did: multi-host runs are checked from these lines
+    sys.stdout.write(f"rank {rank} host {os.uname().nodename}: {step} steps, {local_samples} samples of its "
+                     f"shard, loss {loss:.4f}\n")  # one write: ranks sharing a pipe or file do not interleave
+    sys.stdout.flush()
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _print_summary(summary)
@@ -293,12 +298,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _rank_info(strategy, rank: int, world: int) -> list[dict[str, Any]]:
+def _rank_info(strategy, rank: int, world: int, local_samples: int) -> list[dict[str, Any]]:
     """Per rank: peak RSS and what the strategy says this rank holds (collective; rank 0 keeps it)."""
     import resource
 
     import torch.distributed as dist
-    info = {"rank": rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    info = {"rank": rank, "host": os.uname().nodename, "samples": local_samples, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             **(strategy.shard_info() if hasattr(strategy, "shard_info") else {})}
     out: list[Any] = [None] * world
     dist.all_gather_object(out, info)

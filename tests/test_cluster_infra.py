@@ -1,7 +1,7 @@
 """The cluster test infrastructure itself, exercised for real on this machine.
 
 cluster: 2 fake hosts (network + UTS namespaces, sshd each; tests/cluster/fakehosts.py):
-    ssh between them, a 2-host DeepSpeed run over pdsh/ssh, a host whose sshd is gone.
+    ssh between them, a host whose sshd is gone (`labs launch` onto them: test_cluster_launch.py).
 slurm:   a private single-node Slurm (tests/cluster/slurm.py): `srun hostname`, a 2-rank torchrun.
 Both need root and scripts/install_cluster_deps.sh; each test skips with the reason otherwise.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `cluster` package, whatever pytest's rootdir
-from cluster import PROBE, REPO, VENV_BIN, prepare_comm_op, probe_ranks, write_ds_env  # noqa: E402
+from cluster import PROBE, REPO, VENV_BIN, prepare_comm_op, probe_ranks  # noqa: E402
 from cluster.fakehosts import FakeCluster, cluster_unavailable_reason  # noqa: E402
 from cluster.slurm import SingleNodeSlurm, slurm_unavailable_reason  # noqa: E402
 
@@ -53,23 +53,6 @@ def test_ssh_between_fake_hosts(cluster):
     assert (here, there) == ("node1", "node2")
     assert cluster.addrs["node2"] + "/24" in addr
     assert cluster.hostfile_text(1) == "node1 slots=1\nnode2 slots=1\n"
-
-
-@pytest.mark.cluster
-def test_deepspeed_two_hosts_over_pdsh(ds_env, cluster, tmp_path):
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text(cluster.hostfile_text(1))
-    env_file = write_ds_env(tmp_path / "ds_env", ds_env)
-    cmd = [
-        str(VENV_BIN / "deepspeed"), "--hostfile", str(hostfile),
-        "--master_addr", cluster.addrs["node1"], "--master_port", "29531", str(PROBE),
-    ]  # fmt: skip
-    # launched on node1 from the repo root: the runner exports PYTHONPATH=<its cwd> and cds every host there
-    res = cluster.exec("node1", cmd, env={"DS_ENV_FILE": str(env_file), **ds_env}, cwd=REPO, timeout=120)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-4000:]
-    assert probe_ranks(out) == {0: "node1", 1: "node2"}, out[-4000:]
-    assert "PROBE_OK world=2" in out
 
 
 @pytest.mark.cluster

@@ -65,19 +65,20 @@ def test_torchrun_by_hand_and_backend(ds_ops, tmp_path):
 
 def test_wandb_offline_records_loss_and_throughput(ds_ops, tmp_path):
     env = {"WANDB_MODE": "", "WANDB_API_KEY": ""}
-    proc, rd = launch("jobs/fine_tune_dry_run.yaml", tmp_path, "--set", "wandb.enabled=true", "wandb.tags=[test]",
-                      env=env)
+    proc, rd = launch("jobs/fine_tune_dry_run.yaml", tmp_path, "--set", "wandb.enabled=true", "wandb.tags=[test,dp]",
+                      "wandb.group=lab-group", "wandb.project=labs-test", env=env)
     assert_ok(proc)
     assert "W&B run (offline) written to" in proc.stdout and "wandb sync" in proc.stdout
     (run_file,) = list((rd / "wandb").glob("offline-run-*/run-*.wandb"))
-    history, config_keys = read_wandb_file(run_file)
+    history, config_keys, run = read_wandb_file(run_file)
     assert len(history["train/loss"]) == 3 and len(history["train/tokens_per_s"]) == 3
     assert history["train/loss"] == pytest.approx([r["loss"] for r in read_metrics(rd)], rel=1e-6)
     assert "eval/perplexity" in history
     assert {"layout", "ds_config"} <= config_keys
+    assert run == {"group": "lab-group", "tags": ["test", "dp"], "project": "labs-test"}
 
 
-def read_wandb_file(path: Path) -> tuple[dict[str, list[float]], set[str]]:
+def read_wandb_file(path: Path) -> tuple[dict[str, list[float]], set[str], dict]:
     """Read an offline run's .wandb file: a 7-byte header, then LevelDB-log records (32 KiB blocks,
     7-byte record headers: crc, length, type FULL/FIRST/MIDDLE/LAST) holding protobuf Records."""
     import struct
@@ -104,6 +105,7 @@ def read_wandb_file(path: Path) -> tuple[dict[str, list[float]], set[str]]:
             records.append(pending + chunk)
     history: dict[str, list[float]] = {}
     config_keys: set[str] = set()
+    run: dict = {}
     for raw in records:
         rec = wandb_internal_pb2.Record()
         rec.ParseFromString(raw)
@@ -112,4 +114,6 @@ def read_wandb_file(path: Path) -> tuple[dict[str, list[float]], set[str]]:
                 history.setdefault(item.key or "/".join(item.nested_key), []).append(float(item.value_json))
         elif rec.WhichOneof("record_type") == "config":
             config_keys |= {u.key for u in rec.config.update}
-    return history, config_keys
+        elif rec.WhichOneof("record_type") == "run":
+            run = {"group": rec.run.run_group, "tags": list(rec.run.tags), "project": rec.run.project}
+    return history, config_keys, run

@@ -70,12 +70,6 @@ def prepare_comm_op(timeout: float = 420) -> dict[str, str]:
     return env
 
 
-def write_ds_env(path: Path, env: dict[str, str]) -> Path:
-    """The file DS_ENV_FILE names: KEY=VAL lines only (a blank or comment line crashes the runner)."""
-    path.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
-    return path
-
-
 def probe_ranks(output: str) -> dict[int, str]:
     """rank -> host, from the probe's `rank R host H loss L` lines."""
     return {int(m[1]): m[2] for m in _RANK_LINE.finditer(output)}
