@@ -15,9 +15,12 @@ demo: setup
 	$(VENV)/bin/labs launch jobs/demo.yaml
 
 # System packages for the cluster/slurm tests (root only; the tests skip with the reason otherwise).
+# With Open MPI present, mpi4py too (the openmpi launcher's test).
 cluster-deps:
 	@if [ "$$(id -u)" = 0 ] && [ -x scripts/install_cluster_deps.sh ]; then bash scripts/install_cluster_deps.sh; \
 	else echo "[cluster-deps] not root or no installer: cluster/slurm tests will skip with their reason"; fi
+	@if command -v mpirun >/dev/null && [ -x $(PY) ] && ! $(PY) -c 'import mpi4py' 2>/dev/null; then \
+	  echo "[cluster-deps] installing mpi4py"; $(PY) -m pip install -q 'mpi4py>=4'; fi
 
 test: setup cluster-deps
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(if $(SHARED_DATA),LABS_DATA_DIR=$(abspath $(SHARED_DATA))) \

@@ -57,6 +57,10 @@ def runner_env(plan: Plan) -> dict[str, str]:
     for key, value in sorted(os.environ.items()):
         if value and (key.startswith(PASS_PREFIXES) or key in PASS_THROUGH):
             env[key] = value
+    if plan.job.backend == "ssh" and plan.job.cluster.launcher == "openmpi":  # read by worker's MPI discovery
+        env["LABS_MASTER_PORT"] = str(plan.master_port)
+        if plan.job.cluster.master_addr:
+            env["LABS_MASTER_ADDR"] = plan.job.cluster.master_addr
     return env
 
 

@@ -232,6 +232,9 @@ def _choose_backend(job: Job, hf: Hostfile) -> None:
         raise LabsError(f"{hf.path}: slots differ between hosts ({', '.join(f'{h}={n}' for h, n in hf.hosts.items())})"
                         f"; with --backend slurm the hostfile gives the shape (one line per node, the same "
                         f"slots = ranks on each) and Slurm picks the nodes")
+    if job.cluster.launcher == "openmpi" and (job.cluster.include or job.cluster.exclude):
+        raise LabsError(f"{job.path}: --include/--exclude with cluster.launcher = 'openmpi'; DeepSpeed's "
+                        f"mpirun runner does not filter hosts: write a hostfile with only the hosts to use")
     if job.backend != "ssh" and job.cluster.launcher != "pdsh":
         raise LabsError(f"{job.path}: cluster.launcher = {job.cluster.launcher!r} applies to --backend ssh only")
 

@@ -48,6 +48,13 @@ def parse_args(argv: list[str] | None, default_task: str | None) -> argparse.Nam
 
 def _single_process_env() -> None:
     """Let one plain `python` process run the same code as a launched rank."""
+    if "RANK" not in os.environ and ("OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ):
+        # started by mpirun (`--launcher openmpi`): DeepSpeed's MPI discovery (mpi4py) sets RANK,
+        # WORLD_SIZE, LOCAL_RANK and MASTER_ADDR (rank 0's `hostname -I`); the plan's port and address win
+        from deepspeed.comm.comm import mpi_discovery
+        mpi_discovery(distributed_port=int(os.environ.get("LABS_MASTER_PORT", "29500")), verbose=False)
+        if os.environ.get("LABS_MASTER_ADDR"):
+            os.environ["MASTER_ADDR"] = os.environ["LABS_MASTER_ADDR"]
     if "RANK" not in os.environ:
         from launcher.plan import free_port
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -378,6 +385,9 @@ def _leave(code: int) -> None:
         except Exception as e:  # a peer died after this rank finished
             print(f"[rank {os.environ.get('RANK', '0')}] error: final barrier failed: {e}", file=sys.stderr)
             code = 1
+    mpi = sys.modules.get("mpi4py.MPI")  # started by mpirun: it counts a rank without MPI_Finalize as failed
+    if code == 0 and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -2,14 +2,14 @@
 # Install the Debian packages the cluster tests need (tests/test_cluster_infra.py, tests/test_container.py):
 #   fake hosts:  iproute2 (ip netns), util-linux (unshare/nsenter), openssh-server/-client, pdsh
 #   Slurm:       slurm-wlm, munge
-#   DeepSpeed:   numactl (--bind_cores_to_rank)
+#   DeepSpeed:   numactl (--bind_cores_to_rank), openmpi-bin (--launcher openmpi; mpi4py from pip: make cluster-deps)
 # Optional, WITH_CONTAINERS=1: podman buildah runc fuse-overlayfs uidmap debootstrap (scripts/container_smoke.sh).
 # Idempotent (only missing packages are installed), quiet, run as root on Debian 12.
 # Services are never started by the install: sshd/munged/slurm* would otherwise listen on this machine;
 # the tests start their own private daemons.
 set -euo pipefail
 
-PKGS=(iproute2 util-linux openssh-server openssh-client pdsh slurm-wlm munge numactl procps)
+PKGS=(iproute2 util-linux openssh-server openssh-client pdsh slurm-wlm munge numactl procps openmpi-bin)
 if [ "${WITH_CONTAINERS:-0}" = 1 ]; then
   PKGS+=(podman buildah runc fuse-overlayfs uidmap debootstrap)
 fi

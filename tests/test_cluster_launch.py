@@ -161,6 +161,24 @@ def test_dead_sshd_is_named_before_launch(rank_env, three_hosts, tmp_path):
     assert run_dir is None  # refused before the run folder was written
 
 
+@pytest.mark.cluster
+def test_openmpi_launcher_on_two_hosts(rank_env, two_hosts, tmp_path, tmp_path_factory):
+    import shutil
+    if not shutil.which("mpirun"):
+        pytest.skip("no mpirun (Open MPI): apt install openmpi-bin to run the openmpi launcher")
+    if subprocess.run([str(VENV_BIN / "python"), "-c", "import mpi4py"], capture_output=True).returncode:
+        pytest.skip(f"no mpi4py in {VENV_BIN.parent}: pip install mpi4py")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(two_hosts.hostfile_text(1))
+    env = {**rank_env, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}  # tests run as root
+    res, run_dir = labs_on(two_hosts, "node1", tmp_path / "runs", "--hostfile", str(hostfile), "--launcher", "openmpi",
+                           *STEPS, env=env)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-5000:]
+    assert "mpirun" in out
+    assert_trained_like(run_dir, reference(2, rank_env, tmp_path_factory), out, ["node1", "node2"])
+
+
 def _worker_pids(cluster: FakeCluster, host: str) -> list[int]:
     """The training processes (not DeepSpeed's per-node launcher) running in host's namespace."""
     pids = subprocess.run(["ip", "netns", "pids", cluster.netns[host]], capture_output=True, text=True).stdout.split()
