@@ -23,11 +23,12 @@ from launcher.job import Job, _build, job_to_dict, load_job
 from launcher.layout import Layout
 from launcher.memory import fmt_bytes, zero_model_state_bytes
 from tasks import DRY_RUN_MODELS, TASKS
-from tasks.options import OPTIONS
-from tasks.presets import PRESETS, VOCAB, count_params
+from tasks.options import OPTIONS, TinyLlamaOptions
+from tasks.presets import PRESETS, VOCAB, count_params, lora_params
 
 REPO = Path(__file__).resolve().parent.parent
 DRY_RUN_CONFIG = "ds_configs/cpu_dry_run.json"
+LORA_DEFAULT = TinyLlamaOptions().lora_target_modules
 BACKENDS = ("auto", "local", "torchrun", "ssh", "slurm")
 LAUNCHERS = ("pdsh", "openmpi")
 
@@ -40,6 +41,7 @@ class Plan:
     layout: Layout
     run_dir: Path
     params: tuple[int, int] | None  # (total, largest layer) when known without loading weights
+    trainable: int | None = None  # LoRA: the adapters' parameters (the base is frozen)
     dry_run: bool = False
     resume: str | None = None
     master_port: int = 29500
@@ -57,8 +59,15 @@ class Plan:
         total, largest = self.params
         shard = max(self.layout.tp * self.layout.pp, 1)
         off_opt, off_param = dsconfig.offload(self.ds_config)
-        return {s: zero_model_state_bytes(s, total // shard, largest, self.layout.dp,
-                                          off_opt, off_param) for s in range(4)}
+        if self.trainable is None:
+            return {s: zero_model_state_bytes(s, total // shard, largest, self.layout.dp,
+                                              off_opt, off_param) for s in range(4)}
+        # LoRA: the estimator's accounting for the adapters only, plus the frozen base's 2-byte
+        # weights: replicated below ZeRO-3; partitioned by it, with the largest layer gathered in
+        # full (2 bytes: a frozen layer has no gradient buffer)
+        frozen = 2 * (total - self.trainable) // shard
+        return {s: zero_model_state_bytes(s, self.trainable // shard, 0, self.layout.dp, off_opt, off_param)
+                + (frozen // self.layout.dp + 2 * largest if s == 3 else frozen) for s in range(4)}
 
 
 def apply_dry_run(job: Job) -> None:
@@ -113,14 +122,20 @@ def _check_model(job: Job) -> tuple[int, int] | None:
 PIPELINE_ARCHS = ("llama", "mistral", "gpt2")  # the model types tasks/pipeline_layers.py can cut
 
 
-def _model_shape(job: Job) -> dict[str, Any] | None:
-    """(arch, layers, heads, kv heads) from a preset or a local config.json; None for hub ids."""
+def _preset_or_config(job: Job) -> dict[str, Any] | None:
+    """The model's config: a preset's dict or a local folder's config.json; None for hub ids."""
     name = job.model.name
     if name in PRESETS:
-        cfg = PRESETS[name]
-    elif (Path(name).expanduser() / "config.json").is_file():
-        cfg = json.loads((Path(name).expanduser() / "config.json").read_text())
-    else:
+        return PRESETS[name]
+    if (Path(name).expanduser() / "config.json").is_file():
+        return json.loads((Path(name).expanduser() / "config.json").read_text())
+    return None
+
+
+def _model_shape(job: Job) -> dict[str, Any] | None:
+    """(arch, layers, heads, kv heads) from a preset or a local config.json; None for hub ids."""
+    cfg = _preset_or_config(job)
+    if cfg is None:
         return None
     heads = cfg.get("num_attention_heads") or cfg.get("n_head")
     return {"arch": cfg.get("arch") or cfg.get("model_type"), "heads": heads,
@@ -273,7 +288,13 @@ def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: s
         rd = Path(job.train.output_dir).resolve() / job.name / stamp  # absolute: ranks may start elsewhere
         if rd.exists():
             raise LabsError(f"run folder {rd} already exists; wait a second or set train.output_dir")
-    plan = Plan(job=job, ds_config=cfg, hostfile=hf, layout=layout, run_dir=rd, params=params,
+    trainable = None
+    if job.task == "tinyllama" and params and (shape := _preset_or_config(job)):
+        opts = job.options
+        trainable = lora_params(shape, opts.get("lora_r", 8), opts.get("lora_target_modules", LORA_DEFAULT))
+        if trainable is not None:
+            params = (params[0] + trainable, params[1])  # PEFT's model: base + adapters
+    plan = Plan(job=job, ds_config=cfg, hostfile=hf, layout=layout, run_dir=rd, params=params, trainable=trainable,
                 dry_run=dry_run, resume=resume, master_port=master_port or free_port())
     plan.env = runner_env(plan)
     check_env(plan.env)
@@ -338,7 +359,9 @@ def render(plan: Plan) -> str:
     mem = plan.memory()
     if mem:
         total, largest = plan.params
-        lines.append(f"== model-state memory per rank (params {total:,}, largest layer {largest:,}; "
+        lora = (f"; LoRA: {plan.trainable:,} trainable ({100 * plan.trainable / total:.2f}%), the frozen base "
+                f"at 2 bytes per parameter" if plan.trainable is not None else "")
+        lines.append(f"== model-state memory per rank (params {total:,}, largest layer {largest:,}{lora}; "
                      f"mixed-precision Adam, DeepSpeed's estimator)")
         for stage, b in mem.items():
             mark = "  <- this config" if stage == plan.zero_stage else ""

@@ -67,3 +67,20 @@ def count_params(cfg: dict[str, Any], vocab: int) -> tuple[int, int]:
         total = (vocab + pos + types_) * h + 2 * h + n * block + h * h + h
         return total, vocab * h
     raise KeyError(arch)
+
+
+def lora_params(cfg: dict[str, Any], r: int, targets: list[str]) -> int | None:
+    """Parameters PEFT's LoRA adds (A: r x in, B: out x r per wrapped projection) to a llama/mistral
+    config; None for another architecture or a target this count does not know."""
+    if (cfg.get("arch") or cfg.get("model_type")) not in ("llama", "mistral"):
+        return None
+    h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    hd = cfg.get("head_dim") or h // heads
+    shapes = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
+              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    if any(t not in shapes for t in targets):
+        return None
+    return n * sum(r * (shapes[t][0] + shapes[t][1]) for t in set(targets))
+

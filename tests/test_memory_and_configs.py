@@ -108,3 +108,32 @@ def test_jobs_all_plan(tmp_path):
         plan = make_plan(str(job.relative_to(REPO)))
         assert plan.command and plan.layout.world == 2, job
         json.dumps(plan.ds_config)
+
+
+def test_plan_counts_lora_adapters_like_peft():
+    """The plan's LoRA count (tasks/presets.py, no torch) equals PEFT's on the real model."""
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.causal_lm import build_causal_lm
+    from tasks.options import TinyLlamaOptions
+    from tasks.presets import PRESETS, lora_params
+    targets = TinyLlamaOptions().lora_target_modules
+    model, _ = build_causal_lm("llama-tiny")
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert lora_params(PRESETS["llama-tiny"], 4, targets) == trainable
+    assert lora_params(PRESETS["gpt2-tiny"], 4, ["c_attn"]) is None
+
+
+def test_plan_memory_for_lora_counts_the_frozen_base_once():
+    from launcher.plan import make_plan
+    from tasks.presets import PRESETS, lora_params
+    plan = make_plan("jobs/tinyllama_lora.yaml")
+    total, largest = plan.params
+    lora = lora_params(PRESETS["llama-small"], 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                   "up_proj", "down_proj"])
+    assert plan.trainable == lora and total == lora + 19_597_568
+    frozen = 2 * (total - lora)
+    mem = plan.memory()
+    assert mem[0] == 20 * lora + frozen and mem[2] == 2 * lora + 18 * lora // 2 + frozen
+    assert mem[3] == 18 * lora // 2 + frozen // 2 + 2 * largest
