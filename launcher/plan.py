@@ -310,13 +310,13 @@ def find_resume_dir(job: Job, resume: str) -> Path:
         if not (p / "checkpoints" / "latest").is_file():
             raise LabsError(f"--resume {resume}: no DeepSpeed checkpoint there "
                             f"(expected {p}/checkpoints/latest); pass a run folder under runs/")
-        return p
+        return p.resolve()
     root = Path(job.train.output_dir) / job.name
     runs = sorted(r for r in root.glob("*") if (r / "checkpoints" / "latest").is_file()) if root.is_dir() else []
     if not runs:
         raise LabsError(f"--resume: no run of job {job.name!r} with a checkpoint under {root}/; "
                         f"run `labs launch` first or pass --resume RUN_DIR")
-    return runs[-1]
+    return runs[-1].resolve()
 
 
 def write_run_files(plan: Plan) -> None:
