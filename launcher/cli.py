@@ -64,7 +64,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from launcher.backends import check_ssh, check_tools
+    from launcher.backends import check_ssh, check_tools, remove_shm
     from launcher.plan import mask, render, write_run_files
 
     plan = _plan(args)
@@ -82,6 +82,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     # from the repository root: DeepSpeed's multi-node runner cds every host to its own folder
     code = _run_masked(plan.command, env, cwd=REPO if backend == "ssh" else None,
                        secrets=[v for k, v in plan.env.items() if mask(k, v) != v])
+    remove_shm(plan.master_port)  # what ranks that died could not remove themselves (this host's only)
     if code == 0:
         print(f"\nrun finished: {plan.run_dir} (summary.json, metrics.jsonl, hf/, checkpoints/)")
     else:

@@ -10,6 +10,7 @@ Works under any launcher that sets the torch.distributed env (deepspeed runner, 
 import os
 import socket
 import sys
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -60,6 +61,8 @@ def main() -> None:
     if rank == 0:
         say(f"PROBE_OK world={world}")
     dist.barrier()
+    for seg in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{os.environ['MASTER_PORT']}_{rank}"):
+        seg.unlink(missing_ok=True)  # DeepSpeed's CPU comm op never removes its 66 MiB workspace
     sys.stderr.flush()
     os._exit(0)  # no gloo teardown: it races with peers on other hosts that already left (see launcher.worker._leave)
 
