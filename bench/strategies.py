@@ -2,6 +2,7 @@
 measured in the same run: `zero0@1` (one process, all cores) and `zero0` (2 data-parallel ranks).
 
     .venv/bin/python bench/strategies.py [--job jobs/compare.yaml] [--steps 30] [--out bench/results/strategies]
+        [--set data.data_dir=../shared/data] [--keep_runs]
 
 Runs `labs compare` (launcher/compare.py) and adds bench/results/.../strategies.json and a
 markdown table with the ratios (tokens/s and model-state bytes per rank vs the baselines).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,15 +47,22 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--strategies", default=STRATEGIES)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "strategies"))
+    p.add_argument("--keep_runs", action="store_true",
+                   help="keep OUT/runs (each strategy's run folder with its checkpoints, ~2 GB in all)")
+    p.add_argument("--set", dest="sets", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra overrides for every run (e.g. data.data_dir=/path/to/shared/data)")
     a = p.parse_args()
-    args = argparse.Namespace(job=a.job, strategies=a.strategies, steps=a.steps, out=a.out,
-                              hostfile="hostfiles/localhost", sets=[], report_only=False)
     command = "python bench/strategies.py " + " ".join(sys.argv[1:])
+    args = argparse.Namespace(job=a.job, strategies=a.strategies, steps=a.steps, out=a.out,
+                              hostfile="hostfiles/localhost", sets=[s for g in a.sets for s in g],
+                              report_only=False, command=command)
     results = run(args, command)
     md = table(results)
     out = Path(a.out)
     (out / "strategies.json").write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")
     (out / "strategies.md").write_text(md + "\n")
+    if not a.keep_runs:
+        shutil.rmtree(out / "runs", ignore_errors=True)  # checkpoints; the numbers are in results.json
     print(md)
     return 0
 

@@ -53,8 +53,11 @@ def _strategy(spec: str) -> tuple[str, int | None]:
 
 
 def _fp32_formula(stage: int, params: int, dp: int) -> int:
-    """fp32 Adam (these runs): 4 B params + 4 B grads + 8 B moments (+ 4 B fp32 master partition
-    that DeepSpeed's ZeRO optimizers keep even in fp32), sharded by stage."""
+    """fp32 Adam (these runs): 4 B params + 4 B grads + 8 B moments, plus the 4 B fp32 master
+    partition that DeepSpeed's ZeRO optimizers (stages 1-3) keep even when the parameters are
+    fp32 (a separate copy, measured), sharded by stage: 16P at 0, 8P + 12P/N at 1, 4P + 16P/N at 2,
+    20P/N at 3. Not counted: ZeRO-3's transient flattened copy of the gradient partition that
+    exists during the optimizer step (+4P/N, see docs/benchmarks.md)."""
     n = max(dp, 1)
     if stage == 0:
         return 16 * params
@@ -62,7 +65,7 @@ def _fp32_formula(stage: int, params: int, dp: int) -> int:
         return 8 * params + 12 * params // n
     if stage == 2:
         return 4 * params + 16 * params // n
-    return 16 * params // n
+    return 20 * params // n
 
 
 def run_one(args, spec: str, out: Path) -> dict[str, Any]:
@@ -76,6 +79,8 @@ def run_one(args, spec: str, out: Path) -> dict[str, Any]:
         Path(hostfile).parent.mkdir(parents=True, exist_ok=True)
         Path(hostfile).write_text(f"localhost slots={ranks}\n")
     extra = [f"train.max_steps={args.steps}", "train.export=false", "train.eval_every=0"]
+    if ranks:  # another world size: keep the global batch, derive the accumulation steps
+        extra.append("ds.gradient_accumulation_steps=auto")
     if name in ("pipeline", "model_parallel") and ranks == 1:
         extra.append("ds.pipeline.stages=1")
     if name == "tensor_parallel" and ranks == 1:
@@ -117,7 +122,7 @@ def run_one(args, spec: str, out: Path) -> dict[str, Any]:
         "params_per_rank": [r["params_local"] for r in ranks_info],
         "formula_mixed_bytes": plan.memory().get(stage),
         "formula_fp32_bytes": [_fp32_formula(stage, r["params_local"], lay.dp) for r in ranks_info],
-        "params_total": total, "run_dir": str(run_dir),
+        "params_total": total, "run_dir": str(run_dir), "command": getattr(args, "command", None),
     }
     print(f"loss {res['final_loss']:.4f}, {res['tokens_per_s']:.0f} tok/s, {wall:.0f} s", flush=True)
     return res
@@ -129,14 +134,17 @@ def _mib(b: float) -> str:
 
 def write_report(results: list[dict[str, Any]], out: Path, job: str, steps: int, command: str) -> None:
     rows = ["| strategy | ranks (dp x tp x pp) | micro-batches | tokens/s | time/step | peak RSS / rank "
-            "| model states / rank (measured) | fp32 formula | plan formula (mixed prec.) | final loss |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "| model states / rank (measured) | of which params + master + grads + optimizer (rank 0) "
+            "| fp32 formula | plan formula (mixed prec.) | final loss |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
+        d = r["state_detail"][0]
+        parts = " + ".join(_mib(d[k]) for k in ("params", "master", "grads", "optimizer"))
         rows.append(
             f"| {r['strategy']} | {r['world']} ({r['dp']} x {r['tp']} x {r['pp']}) | {r['micro_batches']} "
             f"| {r['tokens_per_s']:.0f} | {r['step_time_s']:.3f} s "
             f"| {' / '.join(_mib(b) for b in r['peak_rss_bytes'])} "
-            f"| {' / '.join(_mib(b) for b in r['state_bytes'])} "
+            f"| {' / '.join(_mib(b) for b in r['state_bytes'])} | {parts} "
             f"| {' / '.join(_mib(b) for b in r['formula_fp32_bytes'])} "
             f"| {_mib(r['formula_mixed_bytes']) if r['formula_mixed_bytes'] else '-'} | {r['final_loss']:.4f} |")
     first = results[0]
@@ -151,7 +159,12 @@ def write_report(results: list[dict[str, Any]], out: Path, job: str, steps: int,
             "- model states / rank: parameters + gradients + optimizer states (+ ZeRO's fp32 master partition) "
             "counted from the tensors the engine holds on that rank (`StateMeter` in launcher/engine.py); "
             "'fp32 formula' is the ZeRO accounting for these fp32 runs on the rank's parameters; 'plan formula' "
-            "is what `labs plan` prints (mixed-precision Adam, 20 B/param at ZeRO-0).", "",
+            "is what `labs plan` prints (mixed-precision Adam, 20 B/param at ZeRO-0).",
+            "- gradients: their peak over the first optimizer step (sampled after each backward and just before "
+            "the step: ZeRO-0/1 hold full gradients while micro-batches accumulate). During its optimizer step "
+            "ZeRO-3 holds its gradient partition twice, the reduce-scatter buffer (`grad_partitions_flat_buffer`) "
+            "and the flattened copy that becomes the fp32 master partition's `.grad` (freed after the step); the "
+            "formula counts one, so ZeRO-3 measures 4P/N above it. ZeRO's reduce buckets are not counted.", "",
             "![loss curves](loss.png)", "", "![throughput](throughput.png)", "", "![memory per rank](memory.png)", ""]
     (out / "report.md").write_text("\n".join(text))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -213,6 +226,10 @@ def run(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         results = json.loads((out / "results.json").read_text())
+        for r in results:  # the formula as of this version; the command that measured them
+            r["formula_fp32_bytes"] = [_fp32_formula(r["zero_stage"], n, r["dp"]) for n in r["params_per_rank"]]
+        command = results[0].get("command", command) if results else command
+        args.steps = results[0]["steps"] if results else args.steps
     else:
         specs = [s.strip() for s in args.strategies.split(",") if s.strip()]
         for s in specs:
@@ -226,7 +243,8 @@ def run(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    run(args, "labs compare " + " ".join(argv))
+    args.command = "labs compare " + " ".join(argv)
+    run(args, args.command)
     return 0
 
 

