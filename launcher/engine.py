@@ -18,7 +18,6 @@ bytes measured from the tensors the engine really keeps (parameters, gradients, 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from launcher.backends import remove_shm
 from launcher.layout import Layout
 
 
@@ -372,10 +372,7 @@ def release_shm_buffers() -> None:
     if not dist.is_initialized():
         return
     dist.barrier()  # (a 1-rank run on CPU creates its file too)
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(Path("/dev/shm") / name)
+    remove_shm(os.environ.get("MASTER_PORT", "-"), dist.get_rank())
 
 
 def build_strategy(model: torch.nn.Module, config: dict[str, Any], layout: Layout):

@@ -385,8 +385,6 @@ def _leave(code: int) -> None:
         except Exception as e:  # a peer died after this rank finished
             print(f"[rank {os.environ.get('RANK', '0')}] error: final barrier failed: {e}", file=sys.stderr)
             code = 1
-    from launcher.backends import remove_shm
-    remove_shm(os.environ.get("MASTER_PORT", "-"), os.environ.get("RANK", "0"))  # DeepSpeed leaves it behind
     mpi = sys.modules.get("mpi4py.MPI")  # started by mpirun: it counts a rank without MPI_Finalize as failed
     if code == 0 and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()

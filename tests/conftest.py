@@ -20,6 +20,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# the venv's bin first, as `labs launch` gives its ranks: its ninja builds DeepSpeed's comm op; another
+# ninja on PATH (e.g. /usr/bin) would make the two rebuild the shared extension cache in turn
+_VENV_BIN = str(Path(sys.executable).parent)
+if not os.environ.get("PATH", "").startswith(_VENV_BIN + os.pathsep):
+    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 
 
 @pytest.fixture(scope="session")
