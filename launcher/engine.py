@@ -39,7 +39,7 @@ def dp_mean(value: torch.Tensor, group=None, size: int | None = None) -> float:
 
 
 class EngineAccess:
-    """What every strategy reads off its DeepSpeed engine (set as `self.engine`)."""
+    """What every strategy reads off its DeepSpeed engine (set as `self.engine`), and its checkpoints."""
 
     engine: Any
 
@@ -53,6 +53,15 @@ class EngineAccess:
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0]) if self.engine.get_lr() else 0.0
+
+    def save(self, ckpt_dir: Path, tag: str, state: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"labs": state})
+
+    def load(self, ckpt_dir: Path) -> dict[str, Any]:
+        path, client = self.engine.load_checkpoint(str(ckpt_dir))
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt_dir}")
+        return client["labs"]
 
 
 class DataParallel(EngineAccess):
@@ -84,15 +93,6 @@ class DataParallel(EngineAccess):
         self.engine.eval()
         return self.engine(**batch)
 
-    def save(self, ckpt_dir: Path, tag: str, state: dict[str, Any]) -> None:
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"labs": state})
-
-    def load(self, ckpt_dir: Path) -> dict[str, Any]:
-        path, client = self.engine.load_checkpoint(str(ckpt_dir))
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt_dir}")
-        return client["labs"]
-
     def full_state_dict(self, ckpt_dir: Path) -> dict[str, torch.Tensor] | None:
         """Consolidated weights on global rank 0 (None elsewhere). ZeRO-3 partitions the
         parameters, so they come from the checkpoint through DeepSpeed's zero_to_fp32."""
@@ -105,8 +105,6 @@ class DataParallel(EngineAccess):
 
     def shard_info(self) -> dict[str, Any]:
         return {"strategy": self.name, "zero_stage": self.stage, **self.meter.report(self.engine)}
-
-
 
 
 # ---------------------------------------------------------------- model-state bytes, measured
@@ -294,15 +292,6 @@ class PipelineParallel(EngineAccess):
         dist.broadcast(loss, src=src, group=group)
         return PipeOutput(loss, logits.detach().float() if logits is not None else None, src, group)
 
-    def save(self, ckpt_dir: Path, tag: str, state: dict[str, Any]) -> None:
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"labs": state})
-
-    def load(self, ckpt_dir: Path) -> dict[str, Any]:
-        path, client = self.engine.load_checkpoint(str(ckpt_dir))
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt_dir}")
-        return client["labs"]
-
     def full_state_dict(self, ckpt_dir: Path) -> dict[str, torch.Tensor] | None:
         """Each stage of data-parallel replica 0 sends its parameters (under their HF names) to
         rank 0, which lays them over its own copy of the HF model's state dict."""
@@ -355,10 +344,15 @@ class TensorParallel(DataParallel):
 
     def shard_info(self) -> dict[str, Any]:
         info = super().shard_info()
-        info["split_shapes"] = {n: list(p.shape) for n, p in self.module.named_parameters()
-                                if (".0." in n or "lm_head" in n) and p.dim() == 2}
+        info["split_shapes"] = split_shapes(self.module)
         info["tp_rank"] = dist.get_rank() % self.layout.tp
         return info
+
+
+def split_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    """Shapes of the first block's matrices and the head as this rank holds them (AutoTP splits them)."""
+    return {n: list(p.shape) for n, p in module.named_parameters()
+            if p.dim() == 2 and (".0." in n or "lm_head" in n)}
 
 
 def release_shm_buffers() -> None:

@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "tokens_per_s": tokens_seen / train_time if train_time else 0.0,
                "train_time_s": train_time, "run_dir": str(run_dir),
                "model_dir": str(model_dir) if job.train.export else None,
-               "checkpoint_dir": str(ckpt_dir), "trained_rank_host": os.uname().nodename,
+               "checkpoint_dir": str(ckpt_dir),
                "ranks": _rank_info(strategy, rank, layout.world, local_samples)}
     # every rank says where it ran and what it did: multi-host runs are checked from these lines
     sys.stdout.write(f"rank {rank} host {os.uname().nodename}: {step} steps, {local_samples} samples of its "

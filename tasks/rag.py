@@ -429,8 +429,8 @@ class Generator:
 
     def split_shapes(self) -> dict[str, list[int]]:
         """Shapes of the first block's matrices and the head as this rank holds them."""
-        return {n: list(p.shape) for n, p in self.model.named_parameters()
-                if p.dim() == 2 and (".0." in n or "lm_head" in n)}
+        from launcher.engine import split_shapes
+        return split_shapes(self.model)
 
 
 def build_generator(name: str, max_new_tokens: int = 64, tp_size: int | None = None, seed: int = 0) -> Generator:

@@ -121,7 +121,28 @@ def cluster_unavailable_reason() -> str | None:
     return None
 
 
-class FakeCluster:
+class StartStop:
+    """A context manager over start() and close(): close() also runs when start() fails half-way."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class FakeCluster(StartStop):
     """N fake hosts node1..nodeN; use as a context manager (teardown always runs)."""
 
     def __init__(self, n: int = 2, workdir: str | os.PathLike = "/tmp/fakecluster", subnet: str = SUBNET):
@@ -139,17 +160,6 @@ class FakeCluster:
         self._made_netns_etc = False
 
     # ----------------------------------------------------------------- lifecycle
-    def __enter__(self) -> FakeCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def start(self) -> None:
         clean_stale()
         self.workdir.mkdir(parents=True, exist_ok=True)

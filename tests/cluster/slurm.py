@@ -24,12 +24,10 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .fakehosts import die_with_parent
+from launcher.cli import SLURM_FINAL
 
-FINAL_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-    "PREEMPTED", "BOOT_FAIL", "DEADLINE",
-}  # fmt: skip
+from .fakehosts import StartStop, die_with_parent
+
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 
 
@@ -57,7 +55,7 @@ def _exe(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
 
-class SingleNodeSlurm:
+class SingleNodeSlurm(StartStop):
     """One Slurm node named after this machine, partition `debug`, CPUs and memory as given."""
 
     def __init__(self, workdir: str | os.PathLike, cpus: int = 2, mem_mb: int = 8000):
@@ -70,17 +68,6 @@ class SingleNodeSlurm:
         self._munge_dir: Path | None = None
 
     # ----------------------------------------------------------------- lifecycle
-    def __enter__(self) -> SingleNodeSlurm:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def start(self) -> None:
         for sub in ("state", "spool", "log"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
@@ -170,7 +157,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         is cancelled and TimeoutError raised.
         """
         deadline = time.monotonic() + timeout
-        while (state := self.state(job_id)) not in FINAL_STATES:
+        while (state := self.state(job_id)) not in SLURM_FINAL:
             if time.monotonic() > deadline:
                 self._run("scancel", str(job_id), check=False)
                 raise TimeoutError(f"slurm job {job_id} still {state} after {timeout} s")
