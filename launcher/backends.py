@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from launcher.errors import LabsError
+from launcher.rank_env import accelerator, extensions_dir
 
 if TYPE_CHECKING:
     from launcher.plan import Plan
@@ -30,14 +31,6 @@ PASS_THROUGH = ("TRANSFORMERS_OFFLINE", "MALLOC_MMAP_THRESHOLD_")
 def _bin(name: str) -> str:
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else (shutil.which(name) or name)
-
-
-def extensions_dir() -> str:
-    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(REPO / ".cache" / "torch_extensions")
-
-
-def accelerator() -> str:
-    return os.environ.get("DS_ACCELERATOR") or ("cuda" if shutil.which("nvidia-smi") else "cpu")
 
 
 def runner_env(plan: Plan) -> dict[str, str]:
@@ -86,31 +79,10 @@ def env_file_text(env: dict[str, str]) -> str:
     return "".join(f"{k}={v}\n" for k, v in env.items())
 
 
-SHM_DIR = Path("/dev/shm")
-
-
-def shm_segments(port: int | str, rank: int | str = "*") -> list[Path]:
-    """The shared-memory workspaces DeepSpeed's CPU comm op creates for a job whose ranks all sit on
-    one host (deepspeed_allreduce_buffer_<uid>_<master addr>_<master port>_<rank>, 66 MiB each).
-    DeepSpeed never unlinks them: left alone, every local run keeps that much RAM until reboot."""
-    return sorted(SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"))
-
-
-def remove_shm(port: int | str, rank: int | str = "*") -> int:
-    """Unlink the job's workspaces (mappings still open keep working); returns how many."""
-    gone = 0
-    for seg in shm_segments(port, rank):
-        try:
-            seg.unlink()
-            gone += 1
-        except OSError:
-            pass
-    return gone
-
-
 def worker_args(plan: Plan) -> list[str]:
     """The worker reads the resolved job and DeepSpeed config from the run folder."""
-    return ["--run_dir", str(plan.run_dir)] + (["--resume"] if plan.resume else [])
+    conf = ["--config_dir", str(plan.config_dir)] if plan.config_dir != plan.run_dir else []
+    return ["--run_dir", str(plan.run_dir), *conf] + (["--resume"] if plan.resume else [])
 
 
 def _filters(plan: Plan) -> list[str]:

@@ -8,13 +8,14 @@
 from __future__ import annotations
 
 import argparse
-import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from launcher.errors import LabsError
+from launcher.rank_env import STOP_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,8 +51,8 @@ def _plan(args: argparse.Namespace):
                       ("launcher", "cluster.launcher")):
         if getattr(args, flag) is not None:
             sets.append(f"{key}={getattr(args, flag)}")
-    if not args.job:
-        raise LabsError("name a job file, for example: labs plan jobs/demo.yaml")
+    if not args.job and args.resume in (None, "auto"):
+        raise LabsError("name a job file, for example: labs plan jobs/demo.yaml (or --resume RUN_DIR)")
     return make_plan(args.job, ds_config=args.ds_config, hostfile=args.hostfile, sets=sets,
                      dry_run=args.dry_run, resume=args.resume, backend=args.backend,
                      master_port=args.master_port)
@@ -64,47 +65,66 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from launcher.backends import check_ssh, check_tools, remove_shm
+    import time
+
+    from launcher import supervise
+    from launcher.backends import build_command, check_ssh, check_tools
     from launcher.plan import mask, render, write_run_files
+    from launcher.rank_env import EXIT_STOPPED, clear_stale_build_locks, free_port, port_free, remove_shm
 
     plan = _plan(args)
-    print(render(plan), flush=True)
     backend = plan.job.backend
+    if backend in ("local", "torchrun") and not port_free(plan.master_port):
+        if plan.port_given:
+            raise LabsError(f"--master_port {plan.master_port} is in use on this machine; choose another port "
+                            f"or leave --master_port out (labs then picks a free one)")
+        plan.master_port = free_port()
+        plan.command = build_command(plan)
+    print(render(plan), flush=True)
     if backend == "ssh":
         print(f"\n== checking ssh to {', '.join(plan.hostfile.hosts)}", flush=True)
         check_tools(plan)
         check_ssh(plan)  # before anything is written: a dead host leaves no empty run folder
+    clear_stale_build_locks()
     write_run_files(plan)
-    env = os.environ | plan.env | {"DS_ENV_FILE": str((plan.run_dir / "ds_env").resolve())}
     if backend == "slurm":
+        env = os.environ | plan.env | {"DS_ENV_FILE": str((plan.config_dir / "ds_env").resolve())}
         return _submit_slurm(plan, env, detach=args.detach)
-    print(f"\n== launching {plan.layout.world} ranks ({backend}); logs in {plan.run_dir}/logs", flush=True)
-    # from the repository root: DeepSpeed's multi-node runner cds every host to its own folder
-    code = _run_masked(plan.command, env, cwd=REPO if backend == "ssh" else None,
-                       secrets=[v for k, v in plan.env.items() if mask(k, v) != v])
-    remove_shm(plan.master_port)  # what ranks that died could not remove themselves (this host's only)
-    if code == 0:
+    secrets = [v for k, v in plan.env.items() if mask(k, v) != v]
+    for _attempt in range(3):
+        env = os.environ | plan.env | {"DS_ENV_FILE": str((plan.config_dir / "ds_env").resolve())}
+        for old in (plan.run_dir / "logs").glob("rank*.status.json"):
+            old.unlink()
+        print(f"\n== launching {plan.layout.world} ranks ({backend}, rendezvous port {plan.master_port}); "
+              f"logs in {plan.run_dir}/logs", flush=True)
+        started = time.time()
+        # from the repository root: DeepSpeed's multi-node runner cds every host to its own folder
+        out = supervise.run_ranks(plan.command, env, cwd=REPO if backend == "ssh" else None, run_dir=plan.run_dir,
+                                  secrets=secrets, grace=plan.job.train.stop_grace)
+        remove_shm(plan.master_port)  # what ranks that died could not remove themselves (this host's only)
+        if out.code == 0 or out.signalled or plan.port_given or not supervise.port_lost(plan.run_dir):
+            break
+        plan.master_port = free_port()
+        plan.command = build_command(plan)
+        print(f"\n== the rendezvous port was taken before rank 0 bound it; again with port {plan.master_port}",
+              flush=True)
+    (plan.run_dir / STOP_FILE).unlink(missing_ok=True)
+    stopped = supervise.stopped_record(plan.run_dir, started)
+    if stopped:
+        why = f"{out.signalled} to labs launch" if out.signalled else stopped["reason"]
+        print(f"\nrun stopped after step {stopped['step']} ({why}); checkpoint saved: {stopped['checkpoint']}\n"
+              f"continue it with:\n  labs launch {args.job} --resume {plan.run_dir}", flush=True)
+        return EXIT_STOPPED
+    if out.code == 0:
         print(f"\nrun finished: {plan.run_dir} (summary.json, metrics.jsonl, hf/, checkpoints/)")
-    else:
-        print(f"\nrun failed with exit code {code}; see {plan.run_dir}/logs", file=sys.stderr)
-    return code
-
-
-def _run_masked(cmd: list[str], env: dict[str, str], cwd, secrets: list[str]) -> int:
-    """Run the launcher; with secrets in the ranks' environment, its output passes through a filter
-    that hides them: DeepSpeed's multi-node runner logs its whole pdsh command, exports included."""
-    try:
-        if not secrets:
-            return subprocess.call(cmd, env=env, cwd=cwd)
-        with subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-            for line in io.TextIOWrapper(proc.stdout, newline="", errors="replace"):  # '\r' ends a line too
-                for secret in secrets:
-                    line = line.replace(secret, "***")
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            return proc.wait()
-    except KeyboardInterrupt:
-        return 130
+        return 0
+    if out.signalled:
+        print(f"\nrun ended by {out.signalled} before any checkpoint of this launch was saved"
+              + ("; the ranks did not stop in time" if out.forced else "") + f"; run folder {plan.run_dir}",
+              file=sys.stderr)
+        return 128 + int(getattr(signal, out.signalled, signal.SIGTERM))
+    print("\n" + supervise.failure_report(plan.run_dir, out.code), file=sys.stderr)
+    return out.code if 0 < out.code < 128 else 1
 
 
 SLURM_FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",

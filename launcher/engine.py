@@ -26,8 +26,9 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from launcher.backends import remove_shm
+from launcher import checkpoints
 from launcher.layout import Layout
+from launcher.rank_env import remove_shm
 
 
 def dp_mean(value: torch.Tensor, group=None, size: int | None = None) -> float:
@@ -54,13 +55,22 @@ class EngineAccess:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0]) if self.engine.get_lr() else 0.0
 
-    def save(self, ckpt_dir: Path, tag: str, state: dict[str, Any]) -> None:
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"labs": state})
+    def save(self, ckpt_dir: Path, tag: str, state: dict[str, Any], manifest: checkpoints.Manifest,
+             keep: int = 0) -> None:
+        """Every rank writes its part; after a barrier rank 0 marks the checkpoint complete (its
+        manifest), points `latest` at it (atomically) and prunes to the newest `keep`. Collective."""
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"labs": state}, save_latest=False)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            checkpoints.write_manifest(ckpt_dir / tag, manifest)
+            checkpoints.write_latest(ckpt_dir, tag)
+            checkpoints.prune(ckpt_dir, keep)
+        dist.barrier()
 
-    def load(self, ckpt_dir: Path) -> dict[str, Any]:
-        path, client = self.engine.load_checkpoint(str(ckpt_dir))
+    def load(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+        path, client = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt_dir}")
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} under {ckpt_dir}")
         return client["labs"]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from launcher.hostfile import Hostfile, is_local, load_hostfile, select
 from launcher.job import Job, _build, job_to_dict, load_job
 from launcher.layout import Layout
 from launcher.memory import fmt_bytes, zero_model_state_bytes
+from launcher.rank_env import STOP_FILE, free_port
 from tasks import DRY_RUN_MODELS, TASKS
 from tasks.options import OPTIONS, TinyLlamaOptions
 from tasks.presets import PRESETS, VOCAB, count_params, lora_params
@@ -45,8 +45,19 @@ class Plan:
     dry_run: bool = False
     resume: str | None = None
     master_port: int = 29500
+    port_given: bool = False
+    """True when the user named the port (--master_port): never changed; else labs may pick another."""
     command: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    config_dir: Path | None = None
+    """Where the resolved job.yaml / ds_config.json / ds_env are written and read by the ranks: the run
+    folder, or for a resume `RUN/resumes/<time>/`, so the run's original files are never rewritten."""
+    notes: list[str] = field(default_factory=list)
+    """What the plan decided for the user (resume details, warnings), printed with it."""
+
+    def __post_init__(self) -> None:
+        if self.config_dir is None:
+            self.config_dir = self.run_dir
 
     @property
     def zero_stage(self) -> int:
@@ -187,7 +198,8 @@ def _check_data(job: Job) -> None:
 
 def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str | None = None,
             sets: list[str] | tuple[str, ...] = (), dry_run: bool = False,
-            world: int | None = None, backend: str | None = None) -> tuple[Job, dict, Hostfile, Layout]:
+            world: int | None = None, backend: str | None = None,
+            on_layout=None) -> tuple[Job, dict, Hostfile, Layout]:
     """Load and check job, DeepSpeed config and hostfile together. `world` overrides the
     hostfile's world size (inside a rank, where WORLD_SIZE is the truth)."""
     job = load_job(job_path, sets)
@@ -218,6 +230,8 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
     if world is None:  # in a rank the launcher already chose; here the backend must fit the hosts
         _choose_backend(job, hf)
     layout = Layout.from_ds_config(cfg, world or hf.world_size, job.ds_config)
+    if on_layout is not None:  # a resume checks the checkpoint's layout before the batch triad
+        on_layout(cfg, layout)
     if layout.pp > 1 and dsconfig.zero_stage(cfg) >= 2:
         raise LabsError(f"{job.ds_config}: pipeline.stages = {layout.pp} with zero_optimization.stage = "
                         f"{dsconfig.zero_stage(cfg)}; DeepSpeed's pipeline engine supports ZeRO 0-1 only")
@@ -263,31 +277,46 @@ def _abs(p: str) -> str:
     return str(REPO / path)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: str | None = None,
               sets: list[str] | tuple[str, ...] = (), dry_run: bool = False, resume: str | None = None,
               backend: str | None = None, master_port: int | None = None,
               run_dir: str | None = None) -> Plan:
     from launcher.backends import build_command, check_env, runner_env
 
+    notes: list[str] = []
+    config_dir = None
+    on_layout = None
+    if resume:
+        rd = find_resume_dir(job_path, sets, resume)
+        ckpt_dir = rd / "checkpoints"
+        job_path = str(rd / "job.yaml")  # the run's own resolved job; flags apply on top
+        ds_config = ds_config or str(rd / "ds_config.json")
+
+        def on_layout(cfg: dict, layout: Layout) -> None:
+            from launcher import checkpoints
+            now = checkpoints.layout_key(layout.dp, layout.tp, layout.pp, dsconfig.zero_stage(cfg),
+                                         checkpoints.precision(cfg))
+            saved, path = checkpoints.check_resume(ckpt_dir, now, rd)
+            notes.append(f"resume: from {path} (step {saved.step}, saved {saved.reason})")
+            if note := checkpoints.latest_note(ckpt_dir):
+                notes.append(f"resume: {note}")
+            if left := checkpoints.incomplete(ckpt_dir):
+                notes.append(f"resume: incomplete checkpoint folder(s) {', '.join(p.name for p in left)} "
+                             f"(a save cut short) are removed at launch")
+        config_dir = rd / "resumes" / dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     job, cfg, hf, layout = resolve(job_path, ds_config=ds_config, hostfile=hostfile, sets=sets,
-                                   dry_run=dry_run, backend=backend)
+                                   dry_run=dry_run, backend=backend, on_layout=on_layout)
     params = _check_model(job)
     _check_model_layout(job, layout)
     if resume:
-        rd = find_resume_dir(job, resume)
+        if sets or ds_config != str(rd / "ds_config.json") or hostfile:
+            notes.append(f"resume: command-line changes recorded in {config_dir}/ (the run's own job.yaml and "
+                         f"ds_config.json stay as they were)")
     elif run_dir:
         rd = Path(run_dir)
     else:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         rd = Path(job.train.output_dir).resolve() / job.name / stamp  # absolute: ranks may start elsewhere
-        if rd.exists():
-            raise LabsError(f"run folder {rd} already exists; wait a second or set train.output_dir")
     trainable = None
     if job.task == "tinyllama" and params and (shape := _preset_or_config(job)):
         opts = job.options
@@ -295,47 +324,83 @@ def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: s
         if trainable is not None:
             params = (params[0] + trainable, params[1])  # PEFT's model: base + adapters
     plan = Plan(job=job, ds_config=cfg, hostfile=hf, layout=layout, run_dir=rd, params=params, trainable=trainable,
-                dry_run=dry_run, resume=resume, master_port=master_port or free_port())
+                dry_run=dry_run, resume=resume, master_port=master_port or free_port(),
+                port_given=master_port is not None, config_dir=config_dir, notes=notes)
     plan.env = runner_env(plan)
     check_env(plan.env)
     plan.command = build_command(plan)
     return plan
 
 
-def find_resume_dir(job: Job, resume: str) -> Path:
+def find_resume_dir(job_path: str | None, sets, resume: str) -> Path:
+    """The run folder to continue: the one named, or the newest run of the job with a complete
+    checkpoint (the job file and --set name it through `name` and `train.output_dir`)."""
+    from launcher import checkpoints
     if resume != "auto":
-        p = Path(resume)
+        p = Path(resume).expanduser()
         if p.name == "checkpoints":
             p = p.parent
-        if not (p / "checkpoints" / "latest").is_file():
-            raise LabsError(f"--resume {resume}: no DeepSpeed checkpoint there "
-                            f"(expected {p}/checkpoints/latest); pass a run folder under runs/")
+        if not (p / "job.yaml").is_file() or not (p / "ds_config.json").is_file():
+            raise LabsError(f"--resume {resume}: not a run folder (it has no job.yaml and ds_config.json); "
+                            f"pass a folder under runs/<job>/ that `labs launch` made")
         return p.resolve()
+    job = load_job(job_path, sets)
     root = Path(job.train.output_dir) / job.name
-    runs = sorted(r for r in root.glob("*") if (r / "checkpoints" / "latest").is_file()) if root.is_dir() else []
+    runs = sorted(r for r in root.glob("*") if checkpoints.newest(r / "checkpoints")) if root.is_dir() else []
     if not runs:
-        raise LabsError(f"--resume: no run of job {job.name!r} with a checkpoint under {root}/; "
+        raise LabsError(f"--resume: no run of job {job.name!r} with a complete checkpoint under {root}/; "
                         f"run `labs launch` first or pass --resume RUN_DIR")
     return runs[-1].resolve()
 
 
 def write_run_files(plan: Plan) -> None:
-    """Create the run folder and write the resolved job, DeepSpeed config and runner env file."""
-    from launcher.backends import env_file_text
-    plan.run_dir.mkdir(parents=True, exist_ok=bool(plan.resume))
-    (plan.run_dir / "job.yaml").write_text(yaml.safe_dump(job_to_dict(plan.job), sort_keys=False))
-    (plan.run_dir / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2) + "\n")
-    env_file = plan.run_dir / "ds_env"  # may hold secrets (WANDB_API_KEY): readable by the owner only
+    """Create the run folder (a new one atomically: a launch in the same second gets `-1`, `-2`, ...)
+    and write the resolved job, DeepSpeed config and runner env file into `plan.config_dir`. A resume
+    writes them under `RUN/resumes/<time>/` and never rewrites the run's own files."""
+    from launcher.backends import build_command, env_file_text
+    if plan.resume:
+        from launcher import checkpoints
+        checkpoints.remove_incomplete(plan.run_dir / "checkpoints")
+        (plan.run_dir / STOP_FILE).unlink(missing_ok=True)
+    else:
+        base, n = plan.run_dir, 0
+        plan.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                plan.run_dir.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                plan.run_dir = base.with_name(f"{base.name}-{n}")
+        plan.config_dir = plan.run_dir
+        plan.command = build_command(plan)  # the command names the run folder
+    plan.config_dir.mkdir(parents=True, exist_ok=True)
+    (plan.config_dir / "job.yaml").write_text(yaml.safe_dump(job_to_dict(plan.job), sort_keys=False))
+    (plan.config_dir / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2) + "\n")
+    env_file = plan.config_dir / "ds_env"  # may hold secrets (WANDB_API_KEY): readable by the owner only
     env_file.touch(mode=0o600)
     env_file.write_text(env_file_text(plan.env))
 
 
-SECRET_SUFFIXES = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "PWD", "PASS", "CREDENTIAL",
+                "AUTH", "AUTHORIZATION", "PRIVATE", "COOKIE", "SESSION", "SIGNATURE", "CERT", "PIN", "SALT")
+
+
+def is_secret(key: str) -> bool:
+    """A name part (between '_') that is, or ends with, a secret word, in the singular or plural:
+    WANDB_API_KEY, HF_TOKEN, LABS_DB_PASSWD, WANDB_ACCESS_CREDENTIALS, MY_APIKEY; not
+    TOKENIZERS_PARALLELISM or HF_HUB_OFFLINE."""
+    for part in key.upper().split("_"):
+        part = part[:-1] if part.endswith("S") and len(part) > 3 else part
+        if any(part.endswith(w) for w in SECRET_WORDS):
+            return True
+    return False
 
 
 def mask(key: str, value: str) -> str:
-    """Secrets (WANDB_API_KEY, HF_TOKEN, ...) are passed to the ranks but never printed."""
-    return "***" if key.upper().endswith(SECRET_SUFFIXES) else value
+    """Passed-through values whose name suggests a secret reach the ranks but are never printed;
+    only the owner-only env file holds them."""
+    return "***" if value and is_secret(key) else value
 
 
 def render(plan: Plan) -> str:
@@ -368,7 +433,11 @@ def render(plan: Plan) -> str:
             lines.append(f"  ZeRO-{stage}: {fmt_bytes(b):>10}{mark}")
     else:
         lines.append(f"== model-state memory: unknown until {job.model.name!r} is loaded")
-    lines += ["", f"== run folder: {plan.run_dir}", "== environment for the ranks"]
+    if plan.notes:
+        lines += [""] + [f"== {n}" for n in plan.notes]
+    port = "chosen by you" if plan.port_given else "free now; another is taken if it is lost before the ranks bind it"
+    lines += ["", f"== run folder: {plan.run_dir}", f"== rendezvous port: {plan.master_port} ({port})",
+              "== environment for the ranks"]
     lines += [f"  {k}={mask(k, v)}" for k, v in plan.env.items()]
     lines += ["", "== command", "  " + " ".join(plan.command)]
     return "\n".join(lines)

@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None, default_task: str | None) -> argparse.Nam
     p = argparse.ArgumentParser(prog="launcher.worker", description=__doc__)
     p.add_argument("--job", help="job YAML (default: built-in defaults for the task)")
     p.add_argument("--run_dir", help="run folder; with job.yaml + ds_config.json written by `labs launch`")
+    p.add_argument("--config_dir", help="where the resolved job.yaml + ds_config.json are (default: the run "
+                                        "folder; a resume with overrides writes them under resumes/)")
     p.add_argument("--ds-config", "--ds_config", dest="ds_config")
     p.add_argument("--hostfile")
     p.add_argument("--set", dest="sets", action="append", nargs="+", default=[], metavar="KEY=VALUE")
@@ -46,25 +48,6 @@ def parse_args(argv: list[str] | None, default_task: str | None) -> argparse.Nam
     return args
 
 
-def _single_process_env() -> None:
-    """Let one plain `python` process run the same code as a launched rank."""
-    if "RANK" not in os.environ and ("OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ):
-        # started by mpirun (`--launcher openmpi`): DeepSpeed's MPI discovery (mpi4py) sets RANK,
-        # WORLD_SIZE, LOCAL_RANK and MASTER_ADDR (rank 0's `hostname -I`); the plan's port and address win
-        from deepspeed.comm.comm import mpi_discovery
-        mpi_discovery(distributed_port=int(os.environ.get("LABS_MASTER_PORT", "29500")), verbose=False)
-        if os.environ.get("LABS_MASTER_ADDR"):
-            os.environ["MASTER_ADDR"] = os.environ["LABS_MASTER_ADDR"]
-    if "RANK" not in os.environ:
-        from launcher.plan import free_port
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    from launcher.backends import accelerator, extensions_dir
-    os.environ.setdefault("DS_ACCELERATOR", accelerator())
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def resolve_in_rank(args: argparse.Namespace, world: int):
     """(job, ds_config, layout) for this rank; the same checks as `labs plan`."""
     from launcher import dsconfig
@@ -72,12 +55,12 @@ def resolve_in_rank(args: argparse.Namespace, world: int):
     from launcher.layout import Layout
     from launcher.plan import resolve
 
-    run_dir = Path(args.run_dir) if args.run_dir else None
-    if run_dir and (run_dir / "job.yaml").is_file() and not args.job:
-        job = load_job(run_dir / "job.yaml", args.sets)
-        cfg = json.loads((run_dir / "ds_config.json").read_text())
-        layout = Layout.from_ds_config(cfg, world, str(run_dir / "ds_config.json"))
-        cfg = dsconfig.resolve_batch(cfg, layout.dp, str(run_dir / "ds_config.json"))
+    conf = Path(args.config_dir or args.run_dir) if (args.config_dir or args.run_dir) else None
+    if conf and (conf / "job.yaml").is_file() and not args.job:
+        job = load_job(conf / "job.yaml", args.sets)
+        cfg = json.loads((conf / "ds_config.json").read_text())
+        layout = Layout.from_ds_config(cfg, world, str(conf / "ds_config.json"))
+        cfg = dsconfig.resolve_batch(cfg, layout.dp, str(conf / "ds_config.json"))
         return job, cfg, layout
     job, cfg, _, layout = resolve(args.job, ds_config=args.ds_config, hostfile=args.hostfile,
                                   sets=args.sets, dry_run=args.dry_run, world=world)
@@ -146,7 +129,8 @@ def _setup_wandb(job, cfg: dict[str, Any], run_dir: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    _single_process_env()
+    from launcher.rank_env import single_process_env
+    single_process_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     job, cfg, layout = resolve_in_rank(args, world)  # user errors surface before any collective
 
@@ -154,11 +138,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
+    from launcher import rank_env
     from launcher.engine import build_strategy
     from launcher.job import _build, job_to_dict
     from tasks import get_task
     from tasks.options import OPTIONS
-
+    if os.environ["DS_ACCELERATOR"] == "cpu":
+        rank_env.clear_stale_build_locks(say=lambda m: print(f"[rank {rank}] {m}", file=sys.stderr, flush=True))
+        if not rank_env.comm_op_built() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"[rank {rank}] building DeepSpeed's CPU comm op into {rank_env.extensions_dir()} (once per "
+                  f"extensions folder, about {rank_env.COMM_OP_SECONDS} s)", file=sys.stderr, flush=True)
     deepspeed.init_distributed(dist_backend="gloo" if os.environ["DS_ACCELERATOR"] == "cpu" else None)
     if args.run_dir:
         run_dir = Path(args.run_dir)
@@ -168,6 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dist.broadcast_object_list(box, src=0)
         run_dir = Path(box[0])
     _setup_logging(run_dir, rank)
+    stop = rank_env.StopRequest(run_dir, rank_env.parse_duration(job.train.max_time))  # from now on a signal saves
     if rank == 0 and not (run_dir / "job.yaml").is_file():
         import yaml
         (run_dir / "job.yaml").write_text(yaml.safe_dump(job_to_dict(job), sort_keys=False))
@@ -211,8 +201,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
     step = 0
     if args.resume:
-        step = strategy.load(ckpt_dir)["step"]
-        log.info("resumed from %s at step %d", ckpt_dir, step)
+        from launcher import checkpoints
+        best = checkpoints.newest(ckpt_dir)
+        if best is None:
+            raise LabsError(f"--resume {run_dir}: no complete checkpoint in {ckpt_dir}; start a new run")
+        if rank == 0 and (note := checkpoints.latest_note(ckpt_dir)):
+            log.info("%s", note)
+        step = strategy.load(ckpt_dir, best[1].name)["step"]
+        log.info("resumed from %s at step %d", best[1], step)
+    stopped: str | None = None
 
     def evaluate() -> dict[str, float]:
         sums = _eval_sums(task, strategy, parts, layout, dp_rank, mb)
@@ -221,8 +218,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log.info("eval @ step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
 
-    def save() -> None:
-        strategy.save(ckpt_dir, f"step{step}", {"step": step})
+    def save(reason: str = "scheduled") -> None:
+        strategy.save(ckpt_dir, f"step{step}", {"step": step}, manifest(job, cfg, layout, step, reason),
+                      keep=job.train.keep_checkpoints)
 
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train", unit="step",
@@ -260,9 +258,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if job.train.save_every and step % job.train.save_every == 0:
                 save()
                 last_save = step
+            if step < total and (stopped := stop.agreed()):
+                break
+        if stopped:
+            break
         if not job.train.eval_every and step != last_eval:
             eval_result, last_eval = evaluate(), step
     bar.close()
+    if stopped:
+        return _stop_early(strategy, save, step, last_save, stopped, run_dir, rank, loss)
     if step != last_eval:
         eval_result = evaluate()
     if step != last_save:
@@ -303,6 +307,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          if os.environ.get("WANDB_MODE") == "offline" else "")
     log.info("done: %d steps, final loss %.4f", step, loss)
     return summary
+
+
+def manifest(job, cfg: dict[str, Any], layout, step: int, reason: str):
+    from launcher import checkpoints
+    from launcher.job import job_to_dict
+    return checkpoints.Manifest(step=step, world=layout.world, dp=layout.dp, tp=layout.tp, pp=layout.pp,
+                                zero_stage=int(cfg.get("zero_optimization", {}).get("stage", 0)),
+                                precision=checkpoints.precision(cfg), job_sha=checkpoints.sha(job_to_dict(job)),
+                                config_sha=checkpoints.sha(cfg), reason=reason)
+
+
+def _stop_early(strategy, save, step: int, last_save: int, reason: str, run_dir: Path, rank: int,
+                loss: float) -> dict[str, Any]:
+    """Every rank agreed to stop after `step`: save that step's checkpoint (unless just saved), record
+    why, and leave with EXIT_STOPPED; no evaluation or export (the run is not finished)."""
+    if step != last_save:
+        save(reason)
+    record = {"status": "stopped", "reason": reason, "step": step, "checkpoint": str(run_dir / "checkpoints" /
+              f"step{step}"), "final_train_loss": loss, "run_dir": str(run_dir)}
+    if rank == 0:
+        (run_dir / "stopped.json").write_text(json.dumps(record, indent=2) + "\n")
+    log.info("stopped after step %d (%s); checkpoint %s saved: continue with --resume %s",
+             step, reason, record["checkpoint"], run_dir)
+    return record
 
 
 def _rank_info(strategy, rank: int, world: int, local_samples: int) -> list[dict[str, Any]]:
@@ -354,17 +382,53 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None, default_task: str | None = None) -> None:
+    from launcher.rank_env import EXIT_STOPPED
     args = parse_args(argv, default_task)
-    code = 0
+    status = RankStatus(args.run_dir)
+    code, error = 0, ""
     try:
-        run(args)
+        if run(args).get("status") == "stopped":
+            code = EXIT_STOPPED
     except LabsError as e:
-        print(f"[rank {os.environ.get('RANK', '0')}] error: {e}", file=sys.stderr, flush=True)
+        error = f"error: {e}"
+        print(f"[rank {os.environ.get('RANK', '0')}] {error}", file=sys.stderr, flush=True)
         code = 2
     except BaseException:  # printed here: _leave may end the process before Python would print it
-        traceback.print_exc()
+        error = traceback.format_exc()
+        print(error, end="", file=sys.stderr, flush=True)
         code = 1
+    if error and log.handlers:
+        log.error("%s", error.rstrip())  # the rank's own log holds its traceback, not only its stderr
+    status.finish(code, error)
     _leave(code)
+
+
+class RankStatus:
+    """`logs/rank<N>.status.json`: this rank's host and pid from its start, its exit code and error at
+    its end. `labs launch` reads them to name the rank that failed first (a rank killed by a signal or
+    the OOM killer leaves a start record only) instead of the peers that failed on its closed socket."""
+
+    def __init__(self, run_dir: str | None):
+        rank = os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK")
+        self.path = Path(run_dir) / "logs" / f"rank{rank}.status.json" if run_dir and rank is not None else None
+        self.record: dict[str, Any] = {"rank": int(rank or 0), "host": os.uname().nodename, "pid": os.getpid(),
+                                       "started": time.time()}
+        self._write()
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.record) + "\n")
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    def finish(self, code: int, error: str) -> None:
+        self.record.update(exit=code, ended=time.time(), error=error[-4000:])
+        self._write()
 
 
 def _leave(code: int) -> None:
@@ -379,7 +443,8 @@ def _leave(code: int) -> None:
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         sys.exit(code)
-    if code == 0:
+    from launcher.rank_env import EXIT_STOPPED
+    if code in (0, EXIT_STOPPED):
         try:
             dist.barrier()
         except Exception as e:  # a peer died after this rank finished
