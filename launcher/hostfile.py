@@ -1,4 +1,12 @@
-"""DeepSpeed hostfile: one `host slots=N` per line, '#' comments and blank lines ignored."""
+"""DeepSpeed hostfile: one `host slots=N` per line, read exactly as DeepSpeed's runner reads it.
+
+DeepSpeed (`deepspeed.launcher.runner._parse_hostfile`) strips each line, skips blank lines and
+lines starting with '#', and matches DEEPSPEED_LINE at the start of every other line (what follows,
+such as `max_slots=4` or `# comment`, is ignored); anything else, a host listed twice or no host at
+all stops it. We mirror that rule (tests compare the two on generated hostfiles) and
+refuse in addition, with the fix, what would fail later: slots outside 1..MAX_SLOTS, host names with
+characters no host name has, a byte-order mark, text that is not UTF-8.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import LabsError
+from launcher.files import MiB, is_file, read_text
 
-_LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.:\-]+)\s+slots\s*=\s*(?P<slots>-?\d+)\s*$")
+DEEPSPEED_LINE = re.compile(r"^(\S+)\s+slots=(\d+)")
+"""deepspeed/launcher/runner.py's pattern, used with re.search on the stripped line."""
+HOST_NAME = re.compile(r"[A-Za-z0-9_.:\-]+")
+MAX_SLOTS = 1024
+_NEAR_MISS = re.compile(r"^(\S+)\s+slots\s*=\s*(\S+)")
 
 
 @dataclass(frozen=True)
@@ -21,21 +34,44 @@ class Hostfile:
         return sum(self.hosts.values())
 
 
+def _lines(text: str) -> list[str]:
+    """Lines as Python's text-mode readlines() gives them to DeepSpeed (universal newlines)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def _bad_line(path: str, lineno: int, line: str) -> LabsError:
+    near = _NEAR_MISS.match(line)
+    if near and re.fullmatch(r"-\d+", near[2]):
+        return LabsError(f"{path}:{lineno}: host {near[1]!r} has slots={near[2]}; slots must be >= 1")
+    if near and re.fullmatch(r"\d+", near[2]):
+        return LabsError(f"{path}:{lineno}: {line!r}: DeepSpeed's runner reads only 'HOST slots=N' with no "
+                         f"spaces around '='; write '{near[1]} slots={near[2]}'")
+    return LabsError(f"{path}:{lineno}: {line!r} is not a hostfile line; expected 'HOST slots=N' "
+                     f"(for example 'localhost slots=2')")
+
+
+def _slots(path: str, lineno: int, host: str, digits: str) -> int:
+    if len(digits) > 6 or not 1 <= int(digits) <= MAX_SLOTS:
+        shown = digits if len(digits) <= 20 else digits[:20] + "..."
+        raise LabsError(f"{path}:{lineno}: host {host!r} has slots={shown}; slots must be >= 1 and at most "
+                        f"{MAX_SLOTS} (the ranks this host runs)")
+    return int(digits)
+
+
 def parse_hostfile(text: str, path: str = "<hostfile>") -> Hostfile:
     hosts: dict[str, int] = {}
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
+    for lineno, raw in enumerate(_lines(text), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
             continue
-        m = _LINE.match(line)
+        m = DEEPSPEED_LINE.search(line)
         if not m:
-            raise LabsError(
-                f"{path}:{lineno}: {raw.strip()!r} is not a hostfile line; expected 'HOST slots=N' "
-                f"(for example 'localhost slots=2')"
-            )
-        host, slots = m["host"], int(m["slots"])
-        if slots < 1:
-            raise LabsError(f"{path}:{lineno}: host {host!r} has slots={slots}; slots must be >= 1")
+            raise _bad_line(path, lineno, line)
+        host = m[1]
+        if not HOST_NAME.fullmatch(host):
+            raise LabsError(f"{path}:{lineno}: host {host!r} is not a host name; use letters, digits, '.', '-', "
+                            f"'_' or an IP address (a comment goes after the slots: 'HOST slots=N  # note')")
+        slots = _slots(path, lineno, host, m[2])
         if host in hosts:
             raise LabsError(
                 f"{path}:{lineno}: host {host!r} is listed twice; list each host once with its "
@@ -49,12 +85,12 @@ def parse_hostfile(text: str, path: str = "<hostfile>") -> Hostfile:
 
 def load_hostfile(path: str | Path) -> Hostfile:
     p = Path(path)
-    if not p.is_file():
+    if not is_file(p):
         raise LabsError(
             f"hostfile {str(path)!r} does not exist; pass --hostfile hostfiles/localhost "
             f"or write one with lines 'HOST slots=N'"
         )
-    return parse_hostfile(p.read_text(), str(path))
+    return parse_hostfile(read_text(p, "hostfile", MiB, allow_bom=False), str(path))
 
 
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")

@@ -1,7 +1,9 @@
 """A job: which task, model, data and hyper-parameters (YAML), typed once as dataclasses.
 
 The YAML file and every `--set key=value` override are checked against these dataclasses:
-an unknown key or a value of the wrong type is a `LabsError` naming the file and the field.
+an unknown key, a value of the wrong type or out of range is a `LabsError` naming the file, the
+field, the value and what it must be. A field's range lives next to it (`checked(rule, default)`);
+a rule that spans fields lives in the section's `__post_init__` (raising `FieldError`).
 Keys under `ds.` in `--set` edit the DeepSpeed config instead (e.g. `ds.zero_optimization.stage=3`).
 """
 
@@ -10,75 +12,179 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
+import reprlib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from launcher.errors import LabsError
+from launcher.files import is_file, load_yaml, load_yaml_mapping
+
+# ---------------------------------------------------------------- value rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a field's value must be: `ok(value)` for a value of the right type (None is never
+    checked), `must` the end of the message: "<file>: train.log_every = 0; it must be >= 1 (...)"."""
+    ok: Callable[[Any], bool]
+    must: str
+    each: bool = False
+    """Check every entry of a list instead of the list."""
+
+
+class FieldError(ValueError):
+    """A rule over several fields, raised by a section's __post_init__; `_build` adds file and prefix."""
+
+    def __init__(self, name: str, value: Any, must: str):
+        super().__init__(f"{name} = {show(value)}; {must}")
+        self.name, self.value, self.must = name, value, must
+
+
+def checked(rule: Rule, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a rule (`_build` checks it for every value a job gives)."""
+    return field(default=default, default_factory=factory, metadata={"rule": rule})
+
+
+def at_least(lo: int, why: str) -> Rule:
+    return Rule(lambda v: v >= lo, f"it must be >= {lo} ({why})")
+
+
+def between(lo: float, hi: float, why: str) -> Rule:
+    return Rule(lambda v: lo <= v <= hi, f"it must be between {lo} and {hi} ({why})")
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(lambda v: v in choices, f"choose one of {', '.join(choices)}")
+
+
+def non_empty(why: str, each: bool = False) -> Rule:
+    return Rule(lambda v: bool(v.strip()), f"it must not be empty ({why})", each)
+
+
+def _path_ok(v: str) -> bool:
+    parts = v.encode("utf-8").split(b"/")
+    return bool(v.strip()) and len(v.encode("utf-8")) < 4096 and all(len(p) <= 255 for p in parts)
+
+
+PATH_RULE = Rule(_path_ok, "it must be a path: not empty, at most 4,095 bytes, each name at most 255 bytes")
+PATHS_RULE = Rule(_path_ok, PATH_RULE.must, each=True)
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+NAME_RULE = Rule(lambda v: bool(NAME.fullmatch(v)),
+                 "the name is a folder (train.output_dir/NAME/...): use up to 128 letters, digits, '.', '_' "
+                 "or '-', starting with a letter, digit or '_' (no '/', no '..'), e.g. my_run")
+HOST = re.compile(r"[A-Za-z0-9_.:\-]+")
+SLURM_TIME = re.compile(r"(\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|infinite|unlimited)", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+MAX_TEXT = 4096
+
+
+def _text_problem(value: str) -> str | None:
+    """Why a string from a job cannot be used as text (in a path, a message, a command line), or None."""
+    if len(value) > MAX_TEXT:
+        return f"it is {len(value):,} characters long; at most {MAX_TEXT:,}"
+    bad = _CONTROL.search(value)
+    if bad:
+        return f"it holds the control character {bad[0]!r} (or half a surrogate pair); remove it"
+    return None
+
+
+class _Short(reprlib.Repr):
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxstring, self.maxother, self.maxlong = 80, 80, 40
+
+    def repr_int(self, x: int, level: int) -> str:  # repr() of a 5,000-digit int raises ValueError
+        return repr(x) if x.bit_length() < 128 else f"<a {x.bit_length()}-bit number>"
+
+
+def show(value: Any) -> str:
+    """A value for a message: short, and safe for any value YAML or JSON can give."""
+    return _Short().repr(value)
+
+
+# ---------------------------------------------------------------- sections
 
 
 @dataclass
 class ModelSection:
-    name: str = "llama-tiny"
+    name: str = checked(non_empty("a preset, a hub id or a model folder"), "llama-tiny")
     """A preset (see `labs presets`), a Hugging Face hub id, or a local model folder."""
-    tokenizer: str | None = None
+    tokenizer: str | None = checked(non_empty("a hub id or a folder; leave it out for the model's own"), None)
     """Tokenizer hub id or folder; default: the model's own (or the preset's)."""
 
 
 @dataclass
 class DataSection:
-    dataset: str = "wikitext"
+    dataset: str = checked(non_empty("a hub dataset name or 'sample'"), "wikitext")
     """Hub dataset name, or `sample` for the built-in text. Local files take precedence."""
-    dataset_config: str | None = "wikitext-2-raw-v1"
-    data_dir: str | None = None
+    dataset_config: str | None = checked(non_empty("the hub dataset's configuration, or null"), "wikitext-2-raw-v1")
+    data_dir: str | None = checked(PATH_RULE, None)
     """Folder laid out like ../shared/data; default: $LABS_DATA_DIR."""
-    train_files: list[str] = field(default_factory=list)
-    eval_files: list[str] = field(default_factory=list)
-    text_column: str = "text"
+    train_files: list[str] = checked(PATHS_RULE, factory=list)
+    eval_files: list[str] = checked(PATHS_RULE, factory=list)
+    text_column: str = checked(non_empty("a column of the data files"), "text")
     """Column holding the text (after `column_names` renames a headerless CSV's columns)."""
-    text_columns: list[str] = field(default_factory=list)
+    text_columns: list[str] = checked(non_empty("a column of the data files", each=True), factory=list)
     """Several text columns joined with a space (e.g. [title, description]); overrides text_column."""
-    label_column: str = "label"
+    label_column: str = checked(non_empty("a column of the data files"), "label")
     """Column holding the class label (classification labs)."""
-    label_offset: int = 0
+    label_offset: int = checked(at_least(0, "subtracted from every label so that classes start at 0"), 0)
     """Subtracted from every label so classes start at 0 (AG News CSVs number them 1-4: use 1)."""
-    column_names: list[str] = field(default_factory=list)
+    column_names: list[str] = checked(non_empty("a name for each column of a headerless CSV", each=True),
+                                      factory=list)
     """Column names for headerless CSV files (the first row is then data, not a header)."""
-    block_size: int = 64
-    """Tokens per training sequence (causal LM)."""
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    block_size: int = checked(at_least(2, "tokens per sequence; the model predicts each next token"), 64)
+    """Tokens per training sequence (causal LM); at most the model's positions."""
+    max_train_samples: int | None = checked(at_least(1, "samples kept for training; null keeps all"), None)
+    max_eval_samples: int | None = checked(at_least(1, "samples kept for evaluation; null keeps all"), None)
+
+    def __post_init__(self) -> None:
+        if len(set(self.column_names)) != len(self.column_names):
+            raise FieldError("column_names", self.column_names, "each column needs its own name")
 
 
 @dataclass
 class TrainSection:
-    epochs: int = 1
-    max_steps: int | None = None
+    epochs: int = checked(at_least(1, "passes over the training data"), 1)
+    max_steps: int | None = checked(at_least(1, "optimizer steps; null: as many as the epochs give"), None)
     """Stop after this many optimizer steps (across epochs)."""
-    seed: int = 42
-    log_every: int = 1
-    eval_every: int = 0
+    seed: int = checked(Rule(lambda v: 0 <= v < 2**32, "it must be in [0, 2**32) (NumPy's seeds are 32-bit)"), 42)
+    log_every: int = checked(at_least(1, "it logs every N steps"), 1)
+    eval_every: int = checked(at_least(0, "it evaluates every N steps; 0: at the end of each epoch"), 0)
     """Evaluate every N steps (0: at the end of each epoch)."""
-    save_every: int = 0
+    save_every: int = checked(at_least(0, "it saves a checkpoint every N steps; 0: only at the end"), 0)
     """Save a DeepSpeed checkpoint every N steps (0: only at the end)."""
-    output_dir: str = "runs"
+    output_dir: str = checked(PATH_RULE, "runs")
     export: bool = True
     """Export the final model in Hugging Face format."""
+    keep_checkpoints: int = 0
+    """Keep only the newest K complete checkpoints (0: keep all)."""
+    max_time: str | int | None = None
+    """Save and stop after this much training time (e.g. 3h50m, 90m, or seconds), before a
+    scheduler's wall time; the run exits 75 and continues with --resume."""
+    stop_grace: int = 120
+    """Seconds `labs launch` waits, after SIGTERM/SIGINT, for the ranks to save and exit before it
+    ends them (a second signal ends them at once)."""
 
 
 @dataclass
 class WandbSection:
     enabled: bool = False
-    project: str = "llm-parallelism-labs"
-    entity: str | None = None
-    group: str | None = None
+    project: str = checked(Rule(lambda v: 0 < len(v) <= 128 and not set(v) & set("/\\#?%:"),
+                                "W&B project names have 1-128 characters, none of / \\ # ? % :"),
+                           "llm-parallelism-labs")
+    entity: str | None = checked(non_empty("a W&B user or team, or null"), None)
+    group: str | None = checked(non_empty("null: the run folder name"), None)
     """Ties all ranks of one run; default: the run folder name."""
-    tags: list[str] = field(default_factory=list)
-    mode: str | None = None
+    tags: list[str] = checked(Rule(lambda v: 0 < len(v) <= 64 and "," not in v,
+                                   "W&B tags have 1-64 characters, and no ',' (they are passed joined by ',')",
+                                   each=True), factory=list)
+    mode: str | None = checked(one_of("online", "offline", "disabled"), None)
     """online | offline | disabled; default: offline unless WANDB_API_KEY is set."""
 
 
@@ -89,29 +195,35 @@ class ClusterSection:
     """DeepSpeed's syntax: hosts joined by '@', slots after ':' (node1@node2:0,1); only these run."""
     exclude: str = ""
     """Same syntax; these hosts (or slots) do not run. Not together with include."""
-    ssh_port: int | None = None
-    master_addr: str | None = None
+    ssh_port: int | None = checked(between(1, 65535, "a TCP port"), None)
+    master_addr: str | None = checked(Rule(lambda v: bool(HOST.fullmatch(v)), "it must be a host name or an "
+                                           "IP address (letters, digits, '.', '-', '_', ':')"), None)
     """Address of rank 0 that every host can reach; default: DeepSpeed asks the first host (hostname -I)."""
     launcher: str = "pdsh"
     """ssh backend: pdsh (DeepSpeed's default) or openmpi (mpirun; needs mpi4py on every host)."""
-    ssh_timeout: int = 5
+    ssh_timeout: int = checked(at_least(1, "seconds each host gets to answer"), 5)
     """Seconds each host gets to answer the ssh check before launch."""
-    partition: str | None = None
+    partition: str | None = checked(Rule(lambda v: bool(v) and not any(c.isspace() for c in v),
+                                         "a Slurm partition name: not empty, no spaces"), None)
     """slurm backend: #SBATCH --partition."""
-    time: str = "01:00:00"
+    time: str = checked(Rule(lambda v: bool(SLURM_TIME.fullmatch(v)),
+                             "Slurm's formats: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS or "
+                             "UNLIMITED"), "01:00:00")
     """slurm backend: #SBATCH --time."""
-    cpus_per_task: int | None = None
+    cpus_per_task: int | None = checked(at_least(1, "CPUs for each node's launcher"), None)
     """slurm backend: CPUs for each node's launcher (all its ranks); default: 1 per rank."""
-    sbatch_args: list[str] = field(default_factory=list)
+    sbatch_args: list[str] = checked(Rule(lambda v: v.startswith("-"), "each is an sbatch flag such as "
+                                          "--account=ml", each=True), factory=list)
     """slurm backend: more sbatch flags (e.g. [--account=ml, --gres=gpu:4])."""
 
 
 @dataclass
 class Job:
-    name: str = "job"
+    name: str = checked(NAME_RULE, "job")
+    """The run's folder under train.output_dir; default: the job file's name."""
     task: str = "fine_tune"
-    ds_config: str = "ds_configs/zero2.json"
-    hostfile: str = "hostfiles/localhost"
+    ds_config: str = checked(PATH_RULE, "ds_configs/zero2.json")
+    hostfile: str = checked(PATH_RULE, "hostfiles/localhost")
     backend: str = "auto"
     """auto (local when every host is this machine, else ssh) | local | torchrun | ssh | slurm."""
     model: ModelSection = field(default_factory=ModelSection)
@@ -121,7 +233,9 @@ class Job:
     cluster: ClusterSection = field(default_factory=ClusterSection)
     options: dict[str, Any] = field(default_factory=dict)
     """Task-specific options, checked by the task (e.g. LoRA rank for `tinyllama`)."""
-    ds: dict[str, Any] = field(default_factory=dict)
+    ds: dict[str, Any] = checked(Rule(lambda v: all(k.strip(".") for k in v), "its keys are DeepSpeed "
+                                      "config keys, dotted for nested ones (zero_optimization.stage)"),
+                                 factory=dict)
     """Overrides merged into the DeepSpeed config (dotted keys allowed)."""
     path: str = "<job>"
 
@@ -135,9 +249,11 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if tp is type(None):
         return value is None
     if origin is list:
-        return isinstance(value, list)
+        (entry,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, entry) for v in value)
     if origin is dict:
-        return isinstance(value, dict)
+        key, _ = typing.get_args(tp) or (Any, Any)
+        return isinstance(value, dict) and all(_type_ok(k, key) for k in value)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -145,27 +261,84 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+def _tname(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _type_error(value: Any, tp: Any, full: str) -> str | None:
+    """None when value has type tp, else the message's end naming the entry that is wrong."""
+    if _type_ok(value, tp):
+        return None
+    origin = typing.get_origin(tp)
+    if origin is list and isinstance(value, list):
+        (entry,) = typing.get_args(tp)
+        i = next(i for i, v in enumerate(value) if not _type_ok(v, entry))
+        return f"{full}[{i}] = {show(value[i])} has the wrong type; expected {_tname(entry)}"
+    if origin is dict and isinstance(value, dict):
+        key = next(k for k in value if not isinstance(k, str))
+        return f"{full} has the key {show(key)}; keys must be strings"
+    return f"{full} = {show(value)} has the wrong type; expected {_tname(tp)}"
+
+
+def _strings(value: Any) -> list[tuple[str, str]]:
+    """(suffix, text) for the strings of a value: itself, a list's entries, a mapping's keys."""
+    if isinstance(value, str):
+        return [("", value)]
+    if isinstance(value, list):
+        return [(f"[{i}]", v) for i, v in enumerate(value) if isinstance(v, str)]
+    if isinstance(value, dict):
+        return [(f" key {show(k)}", k) for k in value if isinstance(k, str)]
+    return []
+
+
+def _check_value(value: Any, tp: Any, f: dataclasses.Field, path: str, full: str) -> None:
+    """Type, then text (no control characters, bounded length), then the field's rule."""
+    wrong = _type_error(value, tp, full)
+    if wrong:
+        raise LabsError(f"{path}: {wrong}")
+    for suffix, text in _strings(value):
+        problem = _text_problem(text)
+        if problem:
+            raise LabsError(f"{path}: {full}{suffix} = {show(text)}; {problem}")
+    rule: Rule | None = f.metadata.get("rule")
+    if rule is None or value is None:
+        return
+    if not rule.each:
+        if not rule.ok(value):
+            raise LabsError(f"{path}: {full} = {show(value)}; {rule.must}")
+        return
+    for i, v in enumerate(value):
+        if not rule.ok(v):
+            raise LabsError(f"{path}: {full}[{i}] = {show(v)}; {rule.must}")
+
+
 def _build(cls: type, data: Any, path: str, prefix: str) -> Any:
+    """An instance of the dataclass cls from a mapping, every key, type and rule checked; `prefix`
+    names the section in messages ("train.")."""
+    if data is None and prefix:
+        data = {}  # `train:` with every line commented out
     if not isinstance(data, dict):
-        raise LabsError(f"{path}: {prefix or 'top level'} must be a mapping, got {data!r}")
+        where = prefix.rstrip(".") or "the top level"
+        raise LabsError(f"{path}: {where} must be a mapping (key: value lines), got {show(data)}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "path"]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
     kwargs = {}
     for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {prefix}{close[0]!r}?" if close else f"known keys: {', '.join(names)}"
+        full = f"{prefix}{key if isinstance(key, str) else show(key)}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1) if isinstance(key, str) else []
+            hint = f"did you mean {prefix}{close[0]!r}?" if close else f"known keys: {', '.join(fields)}"
             raise LabsError(f"{path}: unknown key {full!r}; {hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, path, f"{full}.")
             continue
-        if not _type_ok(value, tp):
-            tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-            raise LabsError(f"{path}: {full} = {value!r} has the wrong type; expected {tname}")
+        _check_value(value, tp, fields[key], path, full)
         kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except FieldError as e:
+        raise LabsError(f"{path}: {prefix}{e}") from None
 
 
 def job_from_dict(data: dict[str, Any], path: str = "<job>") -> Job:
@@ -178,10 +351,34 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise LabsError(f"--set {item!r}: expected KEY=VALUE, for example --set train.epochs=2")
-        out.append((key.strip(), yaml.safe_load(raw) if raw else None))
+        if not sep or not key.strip():
+            raise LabsError(f"--set {show(item)}: expected KEY=VALUE, for example --set train.epochs=2")
+        out.append((key.strip(), load_yaml(raw, f"--set {show(key.strip())[1:-1]}") if raw else None))
     return out
+
+
+def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
+    if key.startswith("ds."):
+        ds = data.setdefault("ds", {})
+        if not isinstance(ds, dict):
+            raise LabsError(f"--set {key}: the job's 'ds' is not a mapping")
+        ds[key[3:]] = value
+        return
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise LabsError(f"--set {key}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def default_name(path: Path) -> str:
+    """A job's name when it sets none: its file name, made folder-safe ("my job.yaml" -> my_job)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).lstrip(".-")[:128]
+    return name or "job"
 
 
 def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Job:
@@ -190,25 +387,13 @@ def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (
     spath = str(path) if path else "<defaults>"
     if path:
         p = Path(path)
-        if not p.is_file():
+        if not is_file(p):
             jobs = sorted(str(x) for x in Path("jobs").glob("*.yaml"))
-            raise LabsError(f"job file {spath!r} does not exist; ready-made jobs: {', '.join(jobs)}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise LabsError(f"{spath}: not valid YAML: {e}") from None
-        data.setdefault("name", p.stem)
+            raise LabsError(f"job file {show(spath)} does not exist; ready-made jobs: {', '.join(jobs)}")
+        data = load_yaml_mapping(p, "job file")
+        data.setdefault("name", default_name(p))
     for key, value in parse_overrides(list(overrides)):
-        if key.startswith("ds."):
-            data.setdefault("ds", {})[key[3:]] = value
-            continue
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise LabsError(f"--set {key}: {part!r} is not a section")
-        node[parts[-1]] = value
+        _apply_override(data, key, value)
     job = job_from_dict(data, spath)
     if job.data.data_dir is None and os.environ.get("LABS_DATA_DIR"):
         job.data.data_dir = os.environ["LABS_DATA_DIR"]
