@@ -264,8 +264,8 @@ def resolve_auto(cfg: dict[str, Any], path: str, *, dp: int, hidden_size: int | 
     lr, betas, eps, weight_decay, warmup_steps, total_steps (optimizer steps of the run), max_grad_norm,
     micro_batch, grad_accum, bf16, fp16; a missing or None one takes the HF Trainer's default.
     `dp` is the data-parallel size, `hidden_size` the model's (None when unknown before loading).
-    Any "auto" the HF Trainer would not fill is a LabsError naming the key."""
-    out = copy.deepcopy(cfg)
+    Any "auto" the HF Trainer would not fill is a LabsError naming the key. Comment keys are dropped."""
+    out = strip_comments(cfg)
     notes: list[str] = []
     unknown = set(job_values) - set(JOB_DEFAULTS)
     if unknown:
@@ -610,15 +610,23 @@ def _model_field(cls: type, key: str) -> Any:
     return next((f for f in fields.values() if f.alias == key), None)
 
 
-def _model_keys(cls: type, loc: tuple) -> list[str]:
-    """Field names and aliases of the pydantic model at loc under cls."""
+def _model_at(cls: type | None, loc: tuple) -> type | None:
+    """The pydantic model class at loc under cls (None when loc leaves the models)."""
     from pydantic import BaseModel
     for key in loc:
-        f = _model_field(cls, str(key))
+        f = _model_field(cls, str(key)) if cls is not None else None
         inner = _unwrap(f.annotation) if f else None
         if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
-            return []
+            return None
         cls = inner
+    return cls
+
+
+def _model_keys(cls: type | None, loc: tuple) -> list[str]:
+    """Field names and aliases of the pydantic model at loc under cls."""
+    cls = _model_at(cls, loc)
+    if cls is None:
+        return []
     names = []
     for name, f in cls.model_fields.items():
         names += [name] + ([f.alias] if f.alias else [])
@@ -682,13 +690,14 @@ def _unknown_nested(cfg: dict[str, Any], log: _Log, models: list[tuple[type, dic
         for key in pipeline:
             if key not in known:
                 raise LabsError(_unknown_message(path, ("pipeline", key), pipeline[key], known))
+    opened = {p[:-1] for p in log.seen}  # dicts DeepSpeed looked into
     for keys, value in _walk(cfg):
         if len(keys) < 2 or any(keys[:i] in skip for i in range(1, len(keys))) or keys[0] == "pipeline":
             continue
         if isinstance(keys[-1], int) or any(isinstance(k, int) for k in keys):
             continue
         parent = keys[:-1]
-        if parent not in {p[:-1] for p in log.seen} and parent != ():
+        if parent not in opened:
             continue  # DeepSpeed never opened this dict (nothing to compare with)
         if keys not in log.seen:
             siblings = {p[-1] for p in log.seen if p[:-1] == parent}
@@ -711,9 +720,10 @@ def _pydantic_message(e: Any, models: list[tuple[type, dict]], cfg: dict[str, An
     loc = tuple(str(x) for x in err["loc"])
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     if err["type"] == "extra_forbidden":
-        return _unknown_message(path, base + loc, err.get("input"), _model_keys(cls, loc[:-1]) if cls else []) \
+        return _unknown_message(path, base + loc, err.get("input"), _model_keys(cls, loc[:-1])) \
             .replace(" (DeepSpeed would ignore it silently)", f" (DeepSpeed's {e.title} refuses it)") + more
-    field = _model_field(cls, loc[-1]) if cls is not None and len(loc) == 1 else None
+    owner = _model_at(cls, loc[:-1]) if loc else None
+    field = _model_field(owner, loc[-1]) if owner is not None else None
     default = field.get_default() if field is not None and not field.is_required() else None
     default = getattr(default, "value", default)
     fix = (f"write a valid value, or remove the key for DeepSpeed's default ({default!r})"
@@ -780,9 +790,9 @@ NO_OPTIMIZER_FIX = ('add "optimizer": {"type": "AdamW", "params": {"lr": "auto",
                     '"weight_decay": "auto", "torch_adam": true}} (the "auto" values come from the job)')
 
 
-def _optimizer_class(cfg: dict[str, Any], path: str, accelerator: str) -> tuple[Any, dict[str, Any], str | None]:
-    """(the class DeepSpeed builds for the config's optimizer, the parameters it passes, the JIT op it
-    loads or None), as DeepSpeedEngine._configure_basic_optimizer / get_optimizer_configuration do."""
+def _optimizer_class(cfg: dict[str, Any], path: str, accelerator: str) -> tuple[Any, dict[str, Any]]:
+    """(the class DeepSpeed builds for the config's optimizer or None for Muon, the parameters it
+    passes), as DeepSpeedEngine._configure_basic_optimizer / get_optimizer_configuration do."""
     import torch
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
@@ -790,7 +800,7 @@ def _optimizer_class(cfg: dict[str, Any], path: str, accelerator: str) -> tuple[
     if not isinstance(opt, dict) or opt.get("type") is None:
         what = "no \"optimizer\" section" if opt is None else f"optimizer = {opt!r} has no \"type\""
         raise LabsError(f"{path}: {what}; labs' ranks give deepspeed.initialize no optimizer of their own, so "
-                        f"DeepSpeed would build none and the run could not train; {NO_OPTIMIZER_FIX}")
+                        f"DeepSpeed would build none and stop at initialize (ZeRO) or at the first backward; {NO_OPTIMIZER_FIX}")
     name = opt["type"]
     if not isinstance(name, str):
         raise LabsError(f"{path}: optimizer.type = {name!r}; write a name such as \"AdamW\"")
@@ -813,47 +823,46 @@ def _optimizer_class(cfg: dict[str, Any], path: str, accelerator: str) -> tuple[
     off = offload(cfg)[0]
     on_cpu = accelerator == "cpu"
     if lname in ("adam", "adamw", "muon"):
-        params.pop("adam_w_mode", None)
+        adam_w_mode = params.pop("adam_w_mode", True)
         torch_adam = params.pop("torch_adam", False)
         params.pop("fp32_optimizer_states", None)
         if lname == "muon":
-            return None, params, (None if torch_adam or off else "fused_adam")
+            return None, params
         if torch_adam:
             params.pop("foreach", None)
-            return (torch.optim.AdamW if lname == "adamw" or opt.get("params", {}).get("adam_w_mode", True)
-                    else torch.optim.Adam), params, None
+            return (torch.optim.AdamW if lname == "adamw" or adam_w_mode else torch.optim.Adam), params
         if off:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
-            return DeepSpeedCPUAdam, params, "cpu_adam"
+            return DeepSpeedCPUAdam, params
         from deepspeed.ops.adam import FusedAdam
-        return FusedAdam, params, "fused_adam"
+        return FusedAdam, params
     if lname == "adagrad":
         if off:
             from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
-            return DeepSpeedCPUAdagrad, params, "cpu_adagrad"
-        return torch.optim.Adagrad, params, None
+            return DeepSpeedCPUAdagrad, params
+        return torch.optim.Adagrad, params
     if lname == "lion":
         if off:
             from deepspeed.ops.lion import DeepSpeedCPULion
-            return DeepSpeedCPULion, params, "cpu_lion"
+            return DeepSpeedCPULion, params
         if on_cpu:
             raise LabsError(f"{path}: optimizer.type = {name!r} without optimizer offload builds FusedLion, which "
                             f"DeepSpeed does not implement on CPU; offload the optimizer "
                             f"(zero_optimization.offload_optimizer.device = \"cpu\") or use \"AdamW\"")
         from deepspeed.ops.lion import FusedLion
-        return FusedLion, params, "fused_lion"
+        return FusedLion, params
     if lname == "lamb":
         if on_cpu:
             raise LabsError(f"{path}: optimizer.type = {name!r} builds FusedLamb, which DeepSpeed does not implement "
                             f"on CPU; use \"AdamW\" (with \"torch_adam\": true) or a torch.optim optimizer")
         from deepspeed.ops.lamb import FusedLamb
-        return FusedLamb, params, "fused_lamb"
+        return FusedLamb, params
     if lname in ("muadam", "muadamw", "musgd"):
         if importlib.util.find_spec("mup") is None:
             raise LabsError(f"{path}: optimizer.type = {name!r} needs the `mup` package, which is not installed; "
                             f"pip install mup, or use \"AdamW\"")
         import mup
-        return getattr(mup, {"muadam": "MuAdam", "muadamw": "MuAdamW", "musgd": "MuSGD"}[lname]), params, None
+        return getattr(mup, {"muadam": "MuAdam", "muadamw": "MuAdamW", "musgd": "MuSGD"}[lname]), params
     if not hasattr(torch.optim, name) or not isinstance(getattr(torch.optim, name), type):
         choices = sorted(set(DEEPSPEED_OPTIMIZERS) | {n for n in dir(torch.optim) if n[0].isupper()
                                                       and isinstance(getattr(torch.optim, n), type)})
@@ -861,14 +870,14 @@ def _optimizer_class(cfg: dict[str, Any], path: str, accelerator: str) -> tuple[
         hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(choices)}"
         raise LabsError(f"{path}: optimizer.type = {name!r} is neither a DeepSpeed optimizer nor one of torch.optim "
                         f"(DeepSpeed would fail with AttributeError); {hint}")
-    return getattr(torch.optim, name), params, None
+    return getattr(torch.optim, name), params
 
 
 def _check_optimizer(cfg: dict[str, Any], path: str, accelerator: str) -> Any:
     """Mirror DeepSpeed's optimizer construction; returns a torch optimizer on a dummy parameter with
     the config's learning rate (for the scheduler check)."""
     import torch
-    cls, params, _ = _optimizer_class(cfg, path, accelerator)
+    cls, params = _optimizer_class(cfg, path, accelerator)
     name = cfg["optimizer"]["type"]
     dummy = [torch.nn.Parameter(torch.zeros(1))]
     if cls is not None:
@@ -1017,8 +1026,7 @@ OP_BUILD_SECONDS = {"cpu_adam": 155, "fused_adam": 112, "cpu_adagrad": 155, "cpu
 the others are estimates from their size (cpu_adagrad and cpu_lion share cpu_adam's sources)."""
 
 
-def ops_needed(cfg: dict[str, Any], accelerator: str = "cpu",
-               ext_dir: str | Path | None = None) -> list[tuple[str, int, bool]]:
+def ops_needed(cfg: dict[str, Any], ext_dir: str | Path | None = None) -> list[tuple[str, int, bool]]:
     """(op, expected one-time build seconds, already built in $TORCH_EXTENSIONS_DIR) for each DeepSpeed
     op this config makes the ranks JIT-build: the optimizer's (cpu_adam for an offloaded Adam, fused_adam
     for Adam/AdamW without "torch_adam": true, ...) and async_io for NVMe offload. The CPU comm op
@@ -1030,7 +1038,7 @@ def ops_needed(cfg: dict[str, Any], accelerator: str = "cpu",
         params = opt.get("params") if isinstance(opt.get("params"), dict) else {}
         off = offload(cfg)[0]
         if lname in ("adam", "adamw", "muon") and not params.get("torch_adam", False):
-            ops.append("cpu_adam" if off and lname != "muon" else "fused_adam" if not off else "")
+            ops.append("cpu_adam" if off else "fused_adam")
         elif lname == "adagrad" and off:
             ops.append("cpu_adagrad")
         elif lname == "lion":
@@ -1041,4 +1049,4 @@ def ops_needed(cfg: dict[str, Any], accelerator: str = "cpu",
     if any((zero.get(k) or {}).get("device") == "nvme" for k in ("offload_optimizer", "offload_param")):
         ops.append("async_io")
     root = Path(ext_dir or os.environ.get("TORCH_EXTENSIONS_DIR") or REPO / ".cache" / "torch_extensions")
-    return [(op, OP_BUILD_SECONDS[op], (root / op / f"{op}.so").is_file()) for op in dict.fromkeys(ops) if op]
+    return [(op, OP_BUILD_SECONDS[op], (root / op / f"{op}.so").is_file()) for op in ops]
