@@ -52,7 +52,6 @@ from typing import Any
 from launcher.errors import LabsError
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-REPO = Path(__file__).resolve().parent.parent
 CPUINFO = Path("/proc/cpuinfo")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -236,6 +235,19 @@ HIDDEN_KEYS = {  # DeepSpeed's field name and its alias both count
     "stage3_param_persistence_threshold": ("10*hidden", lambda h: 10 * h),
     "param_persistence_threshold": ("10*hidden", lambda h: 10 * h),
 }
+
+
+def hidden_size_of(model_config: dict[str, Any] | None) -> int | None:
+    """The hidden size "auto" bucket sizes are computed from, read from a model's config dict (a preset
+    or config.json) in the HF Trainer's order: hidden_size (GPT-2's n_embd / d_model are what its
+    config objects alias to it), the largest of hidden_sizes, then the same in text_config."""
+    for c in (model_config or {}, (model_config or {}).get("text_config") or {}):
+        for key in ("hidden_size", "n_embd", "d_model"):
+            if isinstance(c.get(key), int):
+                return c[key]
+        if isinstance(c.get("hidden_sizes"), list) and c["hidden_sizes"]:
+            return max(c["hidden_sizes"])
+    return None
 
 
 def find_auto(cfg: Any) -> list[str]:
@@ -562,7 +574,8 @@ def _parse(cfg: dict[str, Any], world: int) -> tuple[Any, _Log, list[tuple[type,
 @functools.lru_cache(maxsize=1)
 def _minimal_parse() -> tuple[frozenset[str], dict[str, Any]]:
     """Top-level keys the installed DeepSpeedConfig looks up on a minimal config, and their defaults."""
-    with _deepspeed("cpu"):
+    from launcher.rank_env import accelerator
+    with _deepspeed(accelerator()):
         _, log, _ = _parse({"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1}, 1)
     top = {p[0]: d for p, d in log.seen.items() if len(p) == 1}
     return frozenset(top) | INITIALIZE_KEYS, top
@@ -1048,5 +1061,6 @@ def ops_needed(cfg: dict[str, Any], ext_dir: str | Path | None = None) -> list[t
     zero = cfg.get("zero_optimization") if isinstance(cfg.get("zero_optimization"), dict) else {}
     if any((zero.get(k) or {}).get("device") == "nvme" for k in ("offload_optimizer", "offload_param")):
         ops.append("async_io")
-    root = Path(ext_dir or os.environ.get("TORCH_EXTENSIONS_DIR") or REPO / ".cache" / "torch_extensions")
+    from launcher.rank_env import extensions_dir
+    root = Path(ext_dir or extensions_dir())
     return [(op, OP_BUILD_SECONDS[op], (root / op / f"{op}.so").is_file()) for op in ops]

@@ -183,6 +183,15 @@ def test_auto_without_job_values_takes_the_hf_trainer_defaults():
     assert "optimizer.params.lr = 5e-05 (auto, the HF Trainer's default; set train.lr in the job to choose)" in notes
 
 
+def test_hidden_size_from_presets_and_config_files():
+    from tasks.presets import PRESETS
+    assert dsconfig.hidden_size_of(PRESETS["llama-small"]) == 256
+    assert dsconfig.hidden_size_of(PRESETS["gpt2-tiny"]) == 64
+    assert dsconfig.hidden_size_of({"hidden_sizes": [64, 128, 320]}) == 320
+    assert dsconfig.hidden_size_of({"text_config": {"hidden_size": 2048}}) == 2048
+    assert dsconfig.hidden_size_of(None) is None and dsconfig.hidden_size_of({"vocab_size": 10}) is None
+
+
 def test_batch_derived_from_what_the_config_gives():
     cfg, notes = dsconfig.resolve_auto({"train_batch_size": 16, "train_micro_batch_size_per_gpu": "auto",
                                         "gradient_accumulation_steps": 2}, PATH, dp=2, hidden_size=None, job_values={})
