@@ -786,11 +786,13 @@ def _precision(cfg: dict[str, Any], path: str, accelerator: str) -> None:
     has_bf16 = cpu_has_bf16()
     if fp16 or autocast_fp16:
         field = "fp16.enabled = True" if fp16 else f"torch_autocast.dtype = {autocast.get('dtype')!r}"
-        alt = ("bf16 (\"bf16\": {\"enabled\": true}; this CPU has " + "/".join(BF16_FLAGS) + " support)"
-               if has_bf16 else "fp32")
+        off = "fp16.enabled" if fp16 else "torch_autocast.enabled"
+        has = "this CPU has" if has_bf16 else "on a CPU with"
+        fix = (f"use bf16 instead (\"bf16\": {{\"enabled\": true}}; {has} {'/'.join(BF16_FLAGS)}), or fp32 "
+               f"(set {off} to false)" if has_bf16 is not False else
+               f"use fp32: set {off} to false (this CPU has no bf16 support either: neither {' nor '.join(BF16_FLAGS)})")
         raise LabsError(f"{path}: {field} on CPU: DeepSpeed would train in float16, which CPUs have no fast "
-                        f"kernels for (slower than fp32, with loss scaling to manage); use {alt}, or fp32 by "
-                        f"setting {'fp16.enabled' if fp16 else 'torch_autocast.enabled'} to false")
+                        f"kernels for (slower than fp32, with loss scaling to manage); {fix}")
     if bf16 and has_bf16 is False:
         raise LabsError(f"{path}: {bf16_key}.enabled = True, but this CPU lists neither {' nor '.join(BF16_FLAGS)} "
                         f"in {CPUINFO}: bfloat16 matmuls would be emulated, many times slower than fp32; set "

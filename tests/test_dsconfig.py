@@ -241,9 +241,12 @@ def test_all_auto_batch_message_mentions_auto():
 
 # ---------------------------------------------------------------- precision
 
-def test_fp16_on_cpu_is_refused_with_the_fix():
+@pytest.mark.parametrize("flags, fix", [("fpu amx_bf16", "use bf16 instead"), ("fpu avx2", "use fp32: set fp16.enabled")])
+def test_fp16_on_cpu_is_refused_with_the_fix(tmp_path, monkeypatch, flags, fix):
+    (tmp_path / "cpuinfo").write_text(f"flags\t\t: {flags}\n")
+    monkeypatch.setattr(dsconfig, "CPUINFO", tmp_path / "cpuinfo")
     msg = refused(base(fp16={"enabled": True}))
-    assert "fp16.enabled = True on CPU" in msg and "bf16" in msg and "fp32" in msg
+    assert "fp16.enabled = True on CPU" in msg and fix in msg and "fp32" in msg
     accepted(base(fp16={"enabled": True}), accelerator="cuda")
 
 
