@@ -162,19 +162,44 @@ def _submit_slurm(plan, env: dict[str, str], detach: bool) -> int:
         print(f"   follow it with `squeue -j {job_id}` and `tail -f {log}`; stop it with `scancel {job_id}`")
         return 0
     state, last = "UNKNOWN", ""
+    stop = {"signal": None, "deadline": None}
+
+    def on_signal(signum, frame) -> None:  # as for local ranks: the STOP file, then scancel after the grace
+        name = signal.Signals(signum).name
+        if stop["signal"] is None:
+            stop["signal"], stop["deadline"] = name, time.monotonic() + plan.job.train.stop_grace
+            (plan.run_dir / STOP_FILE).write_text(f"{name} to labs launch at {time.ctime()}\n")
+            print(f"\n== {name}: the ranks of Slurm job {job_id} finish their step, save a checkpoint and exit "
+                  f"(up to {plan.job.train.stop_grace} s; {name} again cancels the job now)", file=sys.stderr, flush=True)
+        else:
+            stop["deadline"] = time.monotonic()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    started = time.time()
     try:
         while (state := _slurm_state(job_id, env)) not in SLURM_FINAL:
             if state != last:
                 print(f"   job {job_id}: {state}", flush=True)
                 last = state
+            if stop["deadline"] is not None and time.monotonic() >= stop["deadline"]:
+                subprocess.run(["scancel", job_id], env=env, capture_output=True)
+                stop["deadline"] = float("inf")
             time.sleep(1)
-    except KeyboardInterrupt:
-        print(f"\nstopped waiting; job {job_id} goes on (scancel {job_id} to stop it)", file=sys.stderr)
-        return 130
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    (plan.run_dir / STOP_FILE).unlink(missing_ok=True)
+    from launcher import supervise
+    from launcher.rank_env import EXIT_STOPPED
     if log.is_file():
         print(log.read_text()[-6000:], end="", flush=True)
+    if stopped := supervise.stopped_record(plan.run_dir, started):
+        print(f"\nSlurm job {job_id} stopped after step {stopped['step']} ({stopped['reason']}); checkpoint "
+              f"saved: {stopped['checkpoint']}\ncontinue it with:\n  labs launch --resume {plan.run_dir}", flush=True)
+        return EXIT_STOPPED
     if state != "COMPLETED":
-        print(f"\nSlurm job {job_id} ended {state}; see {log}", file=sys.stderr)
+        print(f"\nSlurm job {job_id} ended {state}; see {log}\n" + supervise.failure_report(plan.run_dir, 1),
+              file=sys.stderr)
         return 1
     print(f"\nrun finished: {plan.run_dir} (Slurm job {job_id} COMPLETED)")
     return 0

@@ -21,7 +21,7 @@ from launcher.hostfile import Hostfile, is_local, load_hostfile, select
 from launcher.job import Job, _build, job_to_dict, load_job
 from launcher.layout import Layout
 from launcher.memory import fmt_bytes, zero_model_state_bytes
-from launcher.rank_env import STOP_FILE, free_port
+from launcher.rank_env import STOP_FILE, free_port, parse_duration
 from tasks import DRY_RUN_MODELS, TASKS
 from tasks.options import OPTIONS, TinyLlamaOptions
 from tasks.presets import PRESETS, VOCAB, count_params, lora_params
@@ -241,6 +241,10 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
                         f"use one of the two (combine either with data parallelism instead)")
     cfg = dsconfig.resolve_batch(cfg, layout.dp, job.ds_config)
     _check_data(job)
+    try:
+        parse_duration(job.train.max_time)
+    except ValueError as e:
+        raise LabsError(f"{job.path}: train.max_time = {job.train.max_time!r}: {e}") from None
     if job.train.epochs < 1:
         raise LabsError(f"{job.path}: train.epochs = {job.train.epochs}; it must be >= 1")
     return job, cfg, hf, layout

@@ -31,12 +31,10 @@ if not os.environ.get("PATH", "").startswith(_VENV_BIN + os.pathsep):
 def ds_ops() -> None:
     """Build DeepSpeed's CPU comm op once (about 20-70 s) before the first multi-rank test.
 
-    A build killed mid-way leaves a `lock` file that makes every later rank wait for ever; one older
-    than 10 minutes is such a leftover (a real build takes about a minute) and is removed."""
-    import time
-    for lock in Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("*/lock"):
-        if time.time() - lock.stat().st_mtime > 600:
-            lock.unlink(missing_ok=True)
+    A build killed mid-way leaves a `lock` file that makes every later rank wait for ever; one that no
+    process holds open is such a leftover and is removed (launcher.rank_env.clear_stale_build_locks)."""
+    from launcher.rank_env import clear_stale_build_locks
+    clear_stale_build_locks(os.environ["TORCH_EXTENSIONS_DIR"])
     code = ("from deepspeed.accelerator import get_accelerator;"
             "get_accelerator().create_op_builder('ShareMemCommBuilder').load()")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True, timeout=600)
