@@ -50,11 +50,44 @@ def runner_env(plan: Plan) -> dict[str, str]:
     for key, value in sorted(os.environ.items()):
         if value and (key.startswith(PASS_PREFIXES) or key in PASS_THROUGH):
             env[key] = value
+    for _, values in deepspeed_env_files():
+        env.update(values)
     if plan.job.backend == "ssh" and plan.job.cluster.launcher == "openmpi":  # read by worker's MPI discovery
         env["LABS_MASTER_PORT"] = str(plan.master_port)
         if plan.job.cluster.master_addr:
             env["LABS_MASTER_ADDR"] = plan.job.cluster.master_addr
     return env
+
+
+DEEPSPEED_ENV = ".deepspeed_env"
+
+
+def deepspeed_env_files() -> list[tuple[Path, dict[str, str]]]:
+    """`.deepspeed_env` in the home folder, then the working folder, as DeepSpeed's runner reads them
+    (KEY=VALUE lines, exported to every rank; the later file wins). `labs` reads them itself and puts
+    them in the ranks' environment on every backend: the runner it starts reads `labs`'s own env file
+    instead (DS_ENV_FILE). Blank and '#' lines are skipped (DeepSpeed's runner would crash on them)."""
+    out = []
+    for folder in (Path.home(), Path.cwd()):
+        f = folder / DEEPSPEED_ENV
+        if not f.is_file() or (out and f.resolve() == out[0][0].resolve()):
+            continue
+        values: dict[str, str] = {}
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LabsError(f"{f}: cannot be read as UTF-8 text ({e}); DeepSpeed's runner reads it as KEY=VALUE "
+                            f"lines: fix or remove it") from None
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            key, sep, value = line.partition("=")
+            if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
+                raise LabsError(f"{f}:{n}: {line.strip()!r} is not KEY=VALUE; DeepSpeed's runner exports each "
+                                f"line of this file to every rank: fix the line or remove it")
+            values[key.strip()] = value.strip()
+        out.append((f, values))
+    return out
 
 
 # DeepSpeed's runner writes each env file line into a remote shell as `export KEY=VALUE` (in double
@@ -87,7 +120,9 @@ def worker_args(plan: Plan) -> list[str]:
 
 def _filters(plan: Plan) -> list[str]:
     c = plan.job.cluster
-    return (["--include", c.include] if c.include else []) + (["--exclude", c.exclude] if c.exclude else [])
+    return ((["--include", c.include] if c.include else []) + (["--exclude", c.exclude] if c.exclude else [])
+            + (["--num_nodes", str(c.num_nodes)] if c.num_nodes else [])
+            + (["--num_gpus", str(c.num_accelerators)] if c.num_accelerators else []))
 
 
 def local_command(plan: Plan) -> list[str]:

@@ -32,6 +32,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ssh_port", type=int, help="ssh port of the hosts (cluster.ssh_port)")
     p.add_argument("--master_addr", help="rank 0's address, reachable from every host (cluster.master_addr)")
     p.add_argument("--launcher", help="ssh backend: pdsh (default) | openmpi (cluster.launcher)")
+    p.add_argument("--num_nodes", type=int, help="DeepSpeed's: run on the first N hosts of the hostfile (cluster.num_nodes)")
+    p.add_argument("--num_gpus", "--num_accelerators", dest="num_accelerators", type=int,
+                   help="DeepSpeed's: N ranks on each host (cluster.num_accelerators)")
     p.add_argument("--detach", action="store_true", help="slurm backend: return after sbatch, do not wait")
     p.add_argument("--dry_run", "--dry-run", action="store_true", help="a handful of samples on CPU, offline")
     p.add_argument("--epochs", type=int)
@@ -48,7 +51,8 @@ def _plan(args: argparse.Namespace):
     for flag, key in (("epochs", "train.epochs"), ("max_steps", "train.max_steps"), ("data_dir", "data.data_dir"),
                       ("include", "cluster.include"), ("exclude", "cluster.exclude"),
                       ("ssh_port", "cluster.ssh_port"), ("master_addr", "cluster.master_addr"),
-                      ("launcher", "cluster.launcher")):
+                      ("launcher", "cluster.launcher"), ("num_nodes", "cluster.num_nodes"),
+                      ("num_accelerators", "cluster.num_accelerators")):
         if getattr(args, flag) is not None:
             sets.append(f"{key}={getattr(args, flag)}")
     if not args.job and args.resume in (None, "auto"):

@@ -162,12 +162,29 @@ class TrainSection:
     output_dir: str = checked(PATH_RULE, "runs")
     export: bool = True
     """Export the final model in Hugging Face format."""
-    keep_checkpoints: int = 0
+    keep_checkpoints: int = checked(at_least(0, "the newest K complete checkpoints are kept; 0: all"), 0)
     """Keep only the newest K complete checkpoints (0: keep all)."""
     max_time: str | int | None = None
     """Save and stop after this much training time (e.g. 3h50m, 90m, or seconds), before a
     scheduler's wall time; the run exits 75 and continues with --resume."""
-    stop_grace: int = 120
+    stop_grace: int = checked(at_least(1, "seconds the ranks get to save after SIGTERM"), 120)
+    # What a DeepSpeed config's "auto" values, and the optimizer and scheduler built when the config has
+    # none, are made of (as the HF Trainer fills them from its TrainingArguments); null: its defaults.
+    lr: float | None = checked(Rule(lambda v: 0 < v < 10, "a learning rate in (0, 10)"), None)
+    """Peak learning rate (null: 5e-5, the HF Trainer's default)."""
+    betas: list[float] | None = checked(Rule(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                                             "two numbers in [0, 1), e.g. [0.9, 0.95]"), None)
+    eps: float | None = checked(Rule(lambda v: 0 < v < 1, "a small positive number, e.g. 1e-8"), None)
+    weight_decay: float | None = checked(Rule(lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.01"), None)
+    warmup_steps: int | None = checked(at_least(0, "learning-rate warm-up steps"), None)
+    max_grad_norm: float | None = checked(Rule(lambda v: v >= 0, "a gradient-norm clip >= 0 (0: no clipping)"), None)
+    micro_batch: int | None = checked(at_least(1, "samples per rank per forward"), None)
+    """train_micro_batch_size_per_gpu when the DeepSpeed config leaves it to "auto"."""
+    grad_accum: int | None = checked(at_least(1, "micro-batches per optimizer step"), None)
+    bf16: bool | None = None
+    """bf16 enabled when the DeepSpeed config says "auto" (null: off, as the HF Trainer's default)."""
+    fp16: bool | None = None
+    """fp16 enabled when the DeepSpeed config says "auto" (null: off; GPUs only, refused on CPU)."""
     """Seconds `labs launch` waits, after SIGTERM/SIGINT, for the ranks to save and exit before it
     ends them (a second signal ends them at once)."""
 
@@ -212,6 +229,10 @@ class ClusterSection:
     """slurm backend: #SBATCH --time."""
     cpus_per_task: int | None = checked(at_least(1, "CPUs for each node's launcher"), None)
     """slurm backend: CPUs for each node's launcher (all its ranks); default: 1 per rank."""
+    num_nodes: int | None = checked(at_least(1, "the first N hosts of the hostfile (DeepSpeed's --num_nodes)"), None)
+    """Run on the first N hosts of the hostfile only (--num_nodes)."""
+    num_accelerators: int | None = checked(at_least(1, "ranks per host (DeepSpeed's --num_gpus)"), None)
+    """Ranks on each host, whatever its slots say (--num_gpus / --num_accelerators)."""
     sbatch_args: list[str] = checked(Rule(lambda v: v.startswith("-"), "each is an sbatch flag such as "
                                           "--account=ml", each=True), factory=list)
     """slurm backend: more sbatch flags (e.g. [--account=ml, --gres=gpu:4])."""

@@ -21,7 +21,7 @@ from launcher.hostfile import Hostfile, is_local, load_hostfile, select
 from launcher.job import Job, _build, job_to_dict, load_job
 from launcher.layout import Layout
 from launcher.memory import fmt_bytes, zero_model_state_bytes
-from launcher.rank_env import STOP_FILE, free_port, parse_duration
+from launcher.rank_env import STOP_FILE, accelerator, extensions_dir, free_port, parse_duration
 from tasks import DRY_RUN_MODELS, TASKS
 from tasks.options import OPTIONS, TinyLlamaOptions
 from tasks.presets import PRESETS, VOCAB, count_params, lora_params
@@ -199,9 +199,12 @@ def _check_data(job: Job) -> None:
 def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str | None = None,
             sets: list[str] | tuple[str, ...] = (), dry_run: bool = False,
             world: int | None = None, backend: str | None = None,
-            on_layout=None) -> tuple[Job, dict, Hostfile, Layout]:
+            on_layout=None, notes: list[str] | None = None) -> tuple[Job, dict, Hostfile, Layout]:
     """Load and check job, DeepSpeed config and hostfile together. `world` overrides the
-    hostfile's world size (inside a rank, where WORLD_SIZE is the truth)."""
+    hostfile's world size (inside a rank, where WORLD_SIZE is the truth). What was resolved or
+    added for the user ("auto" values, a default optimizer, DeepSpeed's warnings, ops to build)
+    is appended to `notes`."""
+    notes = [] if notes is None else notes
     job = load_job(job_path, sets)
     if ds_config:
         job.ds_config = ds_config
@@ -225,8 +228,10 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
     cfg = dsconfig.load_ds_config(ds_path)
     for key, value in job.ds.items():
         dsconfig.set_dotted(cfg, key, value)
+    cfg = dsconfig.strip_comments(cfg)  # "_comment" keys: accepted, and not passed to DeepSpeed
     dsconfig.check_keys(cfg, job.ds_config)
     hf = select(load_hostfile(_abs(job.hostfile)), job.cluster.include, job.cluster.exclude)
+    hf = _trim_hosts(hf, job)
     if world is None:  # in a rank the launcher already chose; here the backend must fit the hosts
         _choose_backend(job, hf)
     layout = Layout.from_ds_config(cfg, world or hf.world_size, job.ds_config)
@@ -239,7 +244,21 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
         raise LabsError(f"{job.ds_config}: pipeline.stages = {layout.pp} with tensor_parallel.autotp_size = "
                         f"{layout.tp}; DeepSpeed's AutoTP does not run inside its pipeline engine: "
                         f"use one of the two (combine either with data parallelism instead)")
+    cfg = _add_optimizer(cfg, notes)
+    t = job.train
+    cfg, resolved = dsconfig.resolve_auto(
+        cfg, job.ds_config, dp=layout.dp, hidden_size=dsconfig.hidden_size_of(_preset_or_config(job)),
+        job_values={"lr": t.lr, "betas": t.betas, "eps": t.eps, "weight_decay": t.weight_decay,
+                    "warmup_steps": t.warmup_steps, "total_steps": t.max_steps, "max_grad_norm": t.max_grad_norm,
+                    "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "bf16": t.bf16, "fp16": t.fp16})
+    notes += [f"auto: {r}" for r in resolved]
     cfg = dsconfig.resolve_batch(cfg, layout.dp, job.ds_config)
+    notes += [f"DeepSpeed: {w}" for w in dsconfig.validate(cfg, job.ds_config, world=layout.dp,
+                                                             accelerator=accelerator())]
+    for op, seconds, built in dsconfig.ops_needed(cfg):
+        if not built:
+            notes.append(f"build: this config needs DeepSpeed's {op} op, not built yet in {extensions_dir()}: "
+                         f"the first rank builds it once (about {seconds} s; the rank log says so)")
     _check_data(job)
     try:
         parse_duration(job.train.max_time)
@@ -248,6 +267,45 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
     if job.train.epochs < 1:
         raise LabsError(f"{job.path}: train.epochs = {job.train.epochs}; it must be >= 1")
     return job, cfg, hf, layout
+
+
+def _trim_hosts(hf: Hostfile, job: Job) -> Hostfile:
+    """DeepSpeed's runner's --num_nodes (the first N hosts) and --num_gpus / --num_accelerators (N ranks
+    on each host); like the runner, neither goes with --include / --exclude."""
+    c = job.cluster
+    if c.num_nodes is None and c.num_accelerators is None:
+        return hf
+    if c.include or c.exclude:
+        raise LabsError(f"{job.path}: --num_nodes / --num_gpus with --include / --exclude; DeepSpeed's runner "
+                        f"refuses the two together: use one of them")
+    hosts = dict(hf.hosts)
+    if c.num_nodes is not None:
+        if c.num_nodes > len(hosts):
+            raise LabsError(f"--num_nodes {c.num_nodes}: {hf.path} lists {len(hosts)} host(s) "
+                            f"({', '.join(hosts)}); ask for at most {len(hosts)}")
+        hosts = dict(list(hosts.items())[:c.num_nodes])
+    if c.num_accelerators is not None:
+        hosts = dict.fromkeys(hosts, c.num_accelerators)
+    return Hostfile(hf.path, hosts)
+
+
+def _add_optimizer(cfg: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """A config without `optimizer` / `scheduler` (its training script was to build them) gets the ones
+    the HF Trainer builds: AdamW and a warm-up schedule, their numbers "auto" from the job's train.*."""
+    cfg = dict(cfg)
+    if "optimizer" not in cfg:
+        params: dict[str, Any] = {k: "auto" for k in ("lr", "betas", "eps", "weight_decay")}
+        if not dsconfig.offload(cfg)[0]:
+            params["torch_adam"] = True  # torch's AdamW: no C++ build (offload needs DeepSpeed's CPU Adam)
+        cfg["optimizer"] = {"type": "AdamW", "params": params}
+        notes.append("optimizer: the config has none; AdamW from the job (train.lr, train.betas, train.eps, "
+                     "train.weight_decay), as the HF Trainer builds one")
+    if "scheduler" not in cfg:
+        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": "auto",
+                                                           "warmup_num_steps": "auto"}}
+        notes.append("scheduler: the config has none; WarmupLR: train.warmup_steps of linear warm-up to "
+                     "train.lr, then constant")
+    return cfg
 
 
 def _choose_backend(job: Job, hf: Hostfile) -> None:
@@ -309,7 +367,7 @@ def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: s
                              f"(a save cut short) are removed at launch")
         config_dir = rd / "resumes" / dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     job, cfg, hf, layout = resolve(job_path, ds_config=ds_config, hostfile=hostfile, sets=sets,
-                                   dry_run=dry_run, backend=backend, on_layout=on_layout)
+                                   dry_run=dry_run, backend=backend, on_layout=on_layout, notes=notes)
     params = _check_model(job)
     _check_model_layout(job, layout)
     if resume:
@@ -330,7 +388,16 @@ def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: s
     plan = Plan(job=job, ds_config=cfg, hostfile=hf, layout=layout, run_dir=rd, params=params, trainable=trainable,
                 dry_run=dry_run, resume=resume, master_port=master_port or free_port(),
                 port_given=master_port is not None, config_dir=config_dir, notes=notes)
+    cores = len(os.sched_getaffinity(0))
+    if job.backend in ("local", "torchrun") and layout.world > cores:
+        notes.append(f"warning: {layout.world} ranks on this machine's {cores} core(s): the ranks share cores "
+                     f"unbound (DeepSpeed binds ranks to cores only when each gets one); ranks sharing cores "
+                     f"were measured here 2.4-3x slower than the same ranks bound to their own cores "
+                     f"(DEEPSPEED-CPU.md): fine to see the mechanics, not to measure speed")
     plan.env = runner_env(plan)
+    from launcher.backends import deepspeed_env_files
+    for f, values in deepspeed_env_files():
+        notes.append(f"environment: {', '.join(values) or 'nothing'} from {f} (DeepSpeed's .deepspeed_env)")
     check_env(plan.env)
     plan.command = build_command(plan)
     return plan

@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None, default_task: str | None) -> argparse.Nam
     p.add_argument("--run_dir", help="run folder; with job.yaml + ds_config.json written by `labs launch`")
     p.add_argument("--config_dir", help="where the resolved job.yaml + ds_config.json are (default: the run "
                                         "folder; a resume with overrides writes them under resumes/)")
-    p.add_argument("--ds-config", "--ds_config", dest="ds_config")
+    p.add_argument("--ds-config", "--ds_config", "--deepspeed_config", dest="ds_config",
+                   help="DeepSpeed JSON config (--deepspeed_config as in DeepSpeed's add_config_arguments)")
+    p.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed scripts' sake; always on")
     p.add_argument("--hostfile")
     p.add_argument("--set", dest="sets", action="append", nargs="+", default=[], metavar="KEY=VALUE")
     p.add_argument("--dry_run", "--dry-run", action="store_true")
@@ -111,6 +113,38 @@ class Metrics:
                                        if isinstance(v, (int, float)) and k != "kind"])
 
 
+def _place_outputs(cfg: dict[str, Any], run_dir: Path) -> None:
+    """What DeepSpeed's monitors and profiler write lands in the run folder: a relative (or missing)
+    `output_path` of tensorboard / csv_monitor would be relative to each rank's working folder, and
+    the flops profiler prints to the console unless given a file."""
+    for key in ("tensorboard", "csv_monitor"):
+        sec = cfg.get(key)
+        if isinstance(sec, dict) and sec.get("enabled"):
+            out = Path(sec.get("output_path") or "monitors")
+            sec["output_path"] = str(out if out.is_absolute() else run_dir / out)
+            sec.setdefault("job_name", run_dir.name)
+    prof = cfg.get("flops_profiler")
+    if isinstance(prof, dict) and prof.get("enabled"):
+        out = Path(prof.get("output_file") or "flops_profiler.txt")
+        prof["output_file"] = str(out if out.is_absolute() else run_dir / out)
+
+
+def _comms_summary(cfg: dict[str, Any], run_dir: Path, rank: int) -> None:
+    """With `comms_logger` enabled, DeepSpeed records every collective; its summary (collective over the
+    ranks) goes to the rank-0 log and `comms_summary.json`."""
+    sec = cfg.get("comms_logger")
+    if not (isinstance(sec, dict) and sec.get("enabled")):
+        return
+    import deepspeed.comm as ds_comm
+    summary = ds_comm.log_summary(return_dict=True) or {}
+    if rank == 0:
+        (run_dir / "comms_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        ops = summary.get("summary", {}) if isinstance(summary, dict) else {}
+        log.info("communication (comms_logger): %s; details in comms_summary.json",
+                 ", ".join(f"{op} x{sum(v.get('count', 0) for v in sizes.values())}" for op, sizes in ops.items())
+                 or "no collective recorded")
+
+
 def _setup_wandb(job, cfg: dict[str, Any], run_dir: Path) -> bool:
     section = dict(cfg.get("wandb") or {})
     if not (job.wandb.enabled or section.get("enabled")):
@@ -163,6 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (run_dir / "job.yaml").write_text(yaml.safe_dump(job_to_dict(job), sort_keys=False))
         (run_dir / "ds_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     use_wandb = _setup_wandb(job, cfg, run_dir)
+    _place_outputs(cfg, run_dir)
 
     task = get_task(job.task)
     options = _build(OPTIONS[job.task], job.options, job.path, "options.")
@@ -272,6 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if step != last_save:
         save()
 
+    _comms_summary(cfg, run_dir, rank)
     model_dir = run_dir / "hf"
     if job.train.export:
         state = strategy.full_state_dict(ckpt_dir / f"step{step}")
