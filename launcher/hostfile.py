@@ -39,21 +39,25 @@ def _lines(text: str) -> list[str]:
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
 def _bad_line(path: str, lineno: int, line: str) -> LabsError:
-    near = _NEAR_MISS.match(line)
+    near = _NEAR_MISS.match(line[:200])
     if near and re.fullmatch(r"-\d+", near[2]):
-        return LabsError(f"{path}:{lineno}: host {near[1]!r} has slots={near[2]}; slots must be >= 1")
+        return LabsError(f"{path}:{lineno}: host {_short(near[1])} has slots={near[2]}; slots must be >= 1")
     if near and re.fullmatch(r"\d+", near[2]):
-        return LabsError(f"{path}:{lineno}: {line!r}: DeepSpeed's runner reads only 'HOST slots=N' with no "
+        return LabsError(f"{path}:{lineno}: {_short(line)}: DeepSpeed's runner reads only 'HOST slots=N' with no "
                          f"spaces around '='; write '{near[1]} slots={near[2]}'")
-    return LabsError(f"{path}:{lineno}: {line!r} is not a hostfile line; expected 'HOST slots=N' "
+    return LabsError(f"{path}:{lineno}: {_short(line)} is not a hostfile line; expected 'HOST slots=N' "
                      f"(for example 'localhost slots=2')")
 
 
 def _slots(path: str, lineno: int, host: str, digits: str) -> int:
     if len(digits) > 6 or not 1 <= int(digits) <= MAX_SLOTS:
         shown = digits if len(digits) <= 20 else digits[:20] + "..."
-        raise LabsError(f"{path}:{lineno}: host {host!r} has slots={shown}; slots must be >= 1 and at most "
+        raise LabsError(f"{path}:{lineno}: host {_short(host)} has slots={shown}; slots must be >= 1 and at most "
                         f"{MAX_SLOTS} (the ranks this host runs)")
     return int(digits)
 
@@ -69,7 +73,7 @@ def parse_hostfile(text: str, path: str = "<hostfile>") -> Hostfile:
             raise _bad_line(path, lineno, line)
         host = m[1]
         if not HOST_NAME.fullmatch(host):
-            raise LabsError(f"{path}:{lineno}: host {host!r} is not a host name; use letters, digits, '.', '-', "
+            raise LabsError(f"{path}:{lineno}: host {_short(host)} is not a host name; use letters, digits, '.', '-', "
                             f"'_' or an IP address (a comment goes after the slots: 'HOST slots=N  # note')")
         slots = _slots(path, lineno, host, m[2])
         if host in hosts:
