@@ -23,6 +23,7 @@ from typing import Any
 
 from launcher.errors import LabsError
 from launcher.files import is_file, load_yaml, load_yaml_mapping
+from launcher.hostfile import HOST_NAME
 
 # ---------------------------------------------------------------- value rules
 
@@ -77,7 +78,6 @@ NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 NAME_RULE = Rule(lambda v: bool(NAME.fullmatch(v)),
                  "the name is a folder (train.output_dir/NAME/...): use up to 128 letters, digits, '.', '_' "
                  "or '-', starting with a letter, digit or '_' (no '/', no '..'), e.g. my_run")
-HOST = re.compile(r"[A-Za-z0-9_.:\-]+")
 SLURM_TIME = re.compile(r"(\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|infinite|unlimited)", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 MAX_TEXT = 4096
@@ -168,6 +168,8 @@ class TrainSection:
     """Save and stop after this much training time (e.g. 3h50m, 90m, or seconds), before a
     scheduler's wall time; the run exits 75 and continues with --resume."""
     stop_grace: int = checked(at_least(1, "seconds the ranks get to save after SIGTERM"), 120)
+    """Seconds `labs launch` waits, after SIGTERM/SIGINT, for the ranks to save and exit before it
+    ends them (a second signal ends them at once)."""
     # What a DeepSpeed config's "auto" values, and the optimizer and scheduler built when the config has
     # none, are made of (as the HF Trainer fills them from its TrainingArguments); null: its defaults.
     lr: float | None = checked(Rule(lambda v: 0 < v < 10, "a learning rate in (0, 10)"), None)
@@ -185,8 +187,6 @@ class TrainSection:
     """bf16 enabled when the DeepSpeed config says "auto" (null: off, as the HF Trainer's default)."""
     fp16: bool | None = None
     """fp16 enabled when the DeepSpeed config says "auto" (null: off; GPUs only, refused on CPU)."""
-    """Seconds `labs launch` waits, after SIGTERM/SIGINT, for the ranks to save and exit before it
-    ends them (a second signal ends them at once)."""
 
 
 @dataclass
@@ -213,7 +213,7 @@ class ClusterSection:
     exclude: str = ""
     """Same syntax; these hosts (or slots) do not run. Not together with include."""
     ssh_port: int | None = checked(between(1, 65535, "a TCP port"), None)
-    master_addr: str | None = checked(Rule(lambda v: bool(HOST.fullmatch(v)), "it must be a host name or an "
+    master_addr: str | None = checked(Rule(lambda v: bool(HOST_NAME.fullmatch(v)), "it must be a host name or an "
                                            "IP address (letters, digits, '.', '-', '_', ':')"), None)
     """Address of rank 0 that every host can reach; default: DeepSpeed asks the first host (hostname -I)."""
     launcher: str = "pdsh"

@@ -33,7 +33,7 @@ from launcher import job as job_module
 from launcher.cli import main as labs_main
 from launcher.errors import LabsError
 from launcher.files import MAX_DEPTH, load_json, load_yaml, load_yaml_mapping, read_text
-from launcher.hostfile import MAX_SLOTS, load_hostfile, parse_hostfile
+from launcher.hostfile import HOST_NAME, MAX_SLOTS, load_hostfile, parse_hostfile
 from launcher.job import default_name, load_job, show
 from tasks.options import check_options
 from tasks.presets import PRESETS
@@ -330,7 +330,7 @@ def test_hostfiles_parse_as_deepspeed_parses_them(deepspeed_fetch_hostfile, text
             assert str(path) in str(e)
             if theirs is not None:
                 assert any(n < 1 or n > MAX_SLOTS for n in theirs.values()) or "\x00" in text or \
-                    any(not job_module.HOST.fullmatch(h) for h in theirs), (text, theirs, str(e))
+                    any(not HOST_NAME.fullmatch(h) for h in theirs), (text, theirs, str(e))
             return
         assert theirs == ours, text
 
