@@ -113,13 +113,13 @@ def check_options(job: Job, model_cfg: dict[str, Any] | None) -> Any:
     `model_cfg` is the preset's dict or the model folder's config.json (None for a hub id: the ranks
     check what needs the model). Returns the options dataclass instance."""
     options = _build(OPTIONS[job.task], job.options, job.path, "options.")
-    if model_cfg is None:
+    if not isinstance(model_cfg, dict):
         return options
     arch = model_cfg.get("arch") or model_cfg.get("model_type")
     where = f"{job.path}: model.name = {job.model.name!r}"
     _check_arch(job, arch, where)
     positions = model_cfg.get("max_position_embeddings") or model_cfg.get("n_positions")
-    if isinstance(positions, int):
+    if isinstance(positions, int) and not isinstance(positions, bool):
         if job.task in CAUSAL_LM_TASKS and job.data.block_size > positions:
             raise LabsError(f"{job.path}: data.block_size = {job.data.block_size} is more than the {positions} "
                             f"positions of model {job.model.name!r}; set data.block_size <= {positions}")
@@ -129,7 +129,7 @@ def check_options(job: Job, model_cfg: dict[str, Any] | None) -> Any:
                             f"of model {job.model.name!r}; set options.max_length <= {positions}")
     _check_lora(job, options, arch, where)
     layers = model_cfg.get("num_hidden_layers")
-    if getattr(options, "finetune", None) == "last_k" and isinstance(layers, int) and options.last_k > layers:
+    if getattr(options, "finetune", None) == "last_k" and type(layers) is int and options.last_k > layers:
         raise LabsError(f"{where} has {layers} encoder layers; options.last_k = {options.last_k} must be at most "
                         f"{layers} (or use options.finetune: all)")
     return options
