@@ -362,6 +362,14 @@ def _build(cls: type, data: Any, path: str, prefix: str) -> Any:
         raise LabsError(f"{path}: {prefix}{e}") from None
 
 
+def set_field(job: Job, name: str, value: Any, flag: str) -> None:
+    """Set a top-level field of a built job from a command-line flag (`--ds-config`), checked like the
+    job file's value: "--ds-config: ds_config = '...'; it must be a path ..."."""
+    f = next(f for f in dataclasses.fields(Job) if f.name == name)
+    _check_value(value, typing.get_type_hints(Job)[name], f, flag, name)
+    setattr(job, name, value)
+
+
 def job_from_dict(data: dict[str, Any], path: str = "<job>") -> Job:
     job = _build(Job, data, path, "")
     job.path = path

@@ -34,7 +34,7 @@ from launcher.cli import main as labs_main
 from launcher.errors import LabsError
 from launcher.files import MAX_DEPTH, load_json, load_yaml, load_yaml_mapping, read_text
 from launcher.hostfile import HOST_NAME, MAX_SLOTS, load_hostfile, parse_hostfile
-from launcher.job import default_name, load_job, show
+from launcher.job import default_name, load_job, set_field, show
 from tasks.options import check_options
 from tasks.presets import PRESETS
 from tasks.text_data import SAMPLES, check_data_files, parse_label
@@ -612,6 +612,15 @@ def test_valid_edges_and_empty_sections_are_accepted(tmp_path):
     assert job.train.seed == 0 and job.name == "run.v2_final-1"
     (tmp_path / "j.yaml").write_text("task: fine_tune\ntrain:\n  # epochs: 2\n")
     assert load_job(tmp_path / "j.yaml").train.epochs == 1
+
+
+def test_command_line_paths_are_checked_like_the_job_file():
+    job = load_job("jobs/demo.yaml")
+    set_field(job, "ds_config", "ds_configs/zero3.json", "--ds-config")
+    assert job.ds_config == "ds_configs/zero3.json"
+    for value, expected in (("a" * 5000, "it is 5,000 characters long"), ("x/" + "a" * 300, "each name at most 255")):
+        with pytest.raises(LabsError, match=f"--hostfile: hostfile = .*; {expected}"):
+            set_field(job, "hostfile", value, "--hostfile")
 
 
 def test_bad_set_values_are_one_message():
