@@ -395,11 +395,6 @@ REFUSED: dict[str, tuple[str, str]] = {
         "deepspeed.initialize), which labs' ranks do not use, and random-LTD needs DeepSpeed's layer replacement "
         "in the model; both would be ignored",
         "remove the section (or set \"enabled\": false)"),
-    "activation_checkpointing": (
-        "it configures deepspeed.checkpointing, which no labs model calls: the Hugging Face models checkpoint "
-        "with torch.utils.checkpoint and the pipeline engine with DeepSpeed's defaults",
-        "remove the section; for activation checkpointing set the task option gradient_checkpointing: true "
-        "(job options), or pipeline.activation_checkpoint_interval for pipeline runs"),
     "hybrid_engine": (
         "the hybrid engine switches a model between training and generation for RLHF (DeepSpeed-Chat); labs' "
         "tasks do not generate while training",
@@ -431,6 +426,13 @@ REFUSED: dict[str, tuple[str, str]] = {
 }
 """Keys DeepSpeed 0.19 accepts that labs would not honour: reason and fix. Harmless when switched off
 ("enabled": false, a false/null value, or a section whose values are all false/null/0)."""
+
+
+def wants_activation_checkpointing(cfg: dict[str, Any]) -> bool:
+    """An `activation_checkpointing` section that is not all off: the engine then recomputes activations in
+    the backward pass (HF gradient checkpointing under data / tensor parallel; every transformer block of
+    a pipeline stage under the pipeline engine, unless pipeline.activation_checkpoint_interval says)."""
+    return "activation_checkpointing" in cfg and not _harmless(cfg["activation_checkpointing"])
 
 
 def _harmless(value: Any) -> bool:

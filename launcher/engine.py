@@ -81,6 +81,9 @@ class DataParallel(EngineAccess):
     name = "data_parallel"
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], layout: Layout):
+        from launcher.dsconfig import wants_activation_checkpointing
+        if wants_activation_checkpointing(config) and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
         self.layout = layout
@@ -235,6 +238,11 @@ class PipeOutput:
         return self._logits
 
 
+CHECKPOINTABLE = ["LlamaBlock", "GPT2Block"]
+"""Pipeline layers whose activations are recomputed under activation checkpointing: the transformer blocks
+(DeepSpeed's default would take every layer with parameters, the embedding too, which breaks its gradient)."""
+
+
 class PipelineParallel(EngineAccess):
     """The model's layer list cut into `pipeline.stages` consecutive stages (a PipelineModule);
     each rank builds and holds only its stage. Activations go forward and gradients backward
@@ -246,6 +254,7 @@ class PipelineParallel(EngineAccess):
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], layout: Layout):
         from deepspeed.pipe import PipelineModule
 
+        from launcher.dsconfig import wants_activation_checkpointing
         from tasks.pipeline_layers import causal_lm_loss, pipeline_layers
 
         self.layout = layout
@@ -258,7 +267,9 @@ class PipelineParallel(EngineAccess):
         pipe = PipelineModule(layers=layers, num_stages=layout.pp, loss_fn=causal_lm_loss,
                               partition_method=self.partition_method(pipe_cfg),
                               seed_layers=False, dynamic_shape=True,
-                              activation_checkpoint_interval=pipe_cfg.get("activation_checkpoint_interval", 0))
+                              activation_checkpoint_interval=pipe_cfg.get(
+                                  "activation_checkpoint_interval", 1 if wants_activation_checkpointing(config) else 0),
+                              checkpointable_layers=CHECKPOINTABLE)
         # DeepSpeed's gradient-norm (clipping) sums over the stages only the parameters marked
         # model-parallel (Megatron's convention); unmarked, stage 0's norm alone would clip every
         # stage. Mark each stage's own parameters; a tied copy (ds_pipe_replicated) counts once.

@@ -204,7 +204,11 @@ class StopRequest:
         if self.reason:
             return self.reason
         if self.stop_file is not None and self.stop_file.exists():
-            return "stop requested by labs launch (STOP file)"
+            try:
+                why = self.stop_file.read_text().strip().splitlines()[0]
+            except (OSError, IndexError):
+                why = "written by labs launch"
+            return f"the run's STOP file: {why}"
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return f"train.max_time ({self.max_time:.0f} s) reached"
         return None

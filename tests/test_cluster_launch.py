@@ -218,7 +218,9 @@ def test_killed_rank_ends_the_job(rank_env, two_hosts, tmp_path):
             pytest.fail("the job still runs 60 s after one of its ranks was killed")
         assert time.monotonic() - killed < 60
         assert proc.returncode != 0, output[-4000:]
-        assert "run failed with exit code" in output
+        last = output[output.rindex("run failed with exit code"):]
+        assert "rank 1 on host node2 ended without a word" in last, output[-4000:]  # the killed one, named last
+        assert "logs/rank1.log" in last
         assert not _worker_pids(two_hosts, "node1") and not _worker_pids(two_hosts, "node2")
     finally:
         if proc.poll() is None:
@@ -252,3 +254,95 @@ def test_slurm_backend_submits_and_trains(rank_env, tmp_path, tmp_path_factory):
     got, want = read_metrics(run_dir), read_metrics(reference(2, rank_env, tmp_path_factory))
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
     assert json.loads((run_dir / "summary.json").read_text())["world"] == 2
+
+
+LONG = ("--epochs", "20", "--max_steps", "30", "--set", "train.export=false")
+_long_reference: list[float] = []
+
+
+def long_reference(rank_env: dict, tmp_path_factory) -> list[float]:
+    """30 uninterrupted steps of the job on 2 local ranks: what a stopped-and-resumed run must match."""
+    if not _long_reference:
+        out = tmp_path_factory.mktemp("long_ref")
+        hosts = out / "hosts"
+        hosts.write_text("localhost slots=2\n")
+        res = subprocess.run(labs_cmd("launch", JOB, "--hostfile", str(hosts), "--set", f"train.output_dir={out}",
+                                      *LONG), cwd=REPO, capture_output=True, text=True, timeout=400,
+                             env={**os.environ, **rank_env})
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        _long_reference.extend(r["loss"] for r in read_metrics(run_dirs(out)[-1]))
+    return _long_reference
+
+
+def _wait_steps(proc, out: Path, n: int, timeout: float = 240) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        dirs = run_dirs(out)
+        if dirs and (dirs[-1] / "metrics.jsonl").exists() and len(read_metrics(dirs[-1])) >= n:
+            return dirs[-1]
+        time.sleep(0.3)
+    pytest.fail(f"fewer than {n} steps within {timeout} s")
+
+
+@pytest.mark.cluster
+def test_sigterm_over_ssh_saves_on_every_host_and_resumes(rank_env, two_hosts, tmp_path, tmp_path_factory):
+    """SIGTERM to `labs launch` on node1: the ranks on node1 and node2 (started by pdsh, never signalled)
+    see the run's STOP file, save one checkpoint together and exit 75; nothing runs on either host;
+    `--resume` continues to the uninterrupted run's losses."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(two_hosts.hostfile_text(1))
+    out = tmp_path / "runs"
+    proc = two_hosts.popen("node1", labs_cmd("launch", JOB, "--hostfile", str(hostfile), "--set",
+                                             f"train.output_dir={out}", *LONG), env=rank_env, cwd=REPO)
+    try:
+        run_dir = _wait_steps(proc, out, 2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 75, output[-5000:]
+    step = json.loads((run_dir / "stopped.json").read_text())["step"]
+    assert f"run stopped after step {step} (SIGTERM to labs launch)" in output
+    assert not _worker_pids(two_hosts, "node1") and not _worker_pids(two_hosts, "node2")
+    res = two_hosts.exec("node1", labs_cmd("launch", "--resume", str(run_dir)), env=rank_env, cwd=REPO, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
+    got = [r["loss"] for r in read_metrics(run_dir)]
+    assert got == pytest.approx(long_reference(rank_env, tmp_path_factory), rel=1e-5)
+
+
+@pytest.mark.slurm
+def test_slurm_sigterm_to_the_batch_shell_saves_and_resumes(rank_env, tmp_path, tmp_path_factory):
+    """What Slurm does before a job's time limit (--signal=B:TERM@120), done by hand with
+    `scancel --batch --signal=TERM`: the batch shell writes the STOP file, the ranks save and exit 75,
+    `labs` reports the stop; `--resume` through Slurm again finishes with the uninterrupted losses."""
+    if reason := slurm_unavailable_reason():
+        pytest.skip(reason)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    out = tmp_path / "runs"
+    with SingleNodeSlurm(tmp_path / "slurm", cpus=2) as slurm:
+        env = {**os.environ, **slurm.env, **rank_env}
+        proc = subprocess.Popen(labs_cmd("launch", JOB, "--backend", "slurm", "--hostfile", str(hostfile),
+                                         "--set", f"train.output_dir={out}", *LONG), cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            run_dir = _wait_steps(proc, out, 2)
+            job_id = (run_dir / "slurm_job_id").read_text().strip()
+            subprocess.run(["scancel", "--batch", "--signal=TERM", job_id], env=env, check=True, timeout=30)
+            output, _ = proc.communicate(timeout=180)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert proc.returncode == 75, output[-5000:]
+        assert "#SBATCH --signal=B:TERM@120" in (run_dir / "slurm_job.sh").read_text()
+        step = json.loads((run_dir / "stopped.json").read_text())["step"]
+        assert f"stopped after step {step}" in output and "STOP file" in output
+        res = subprocess.run(labs_cmd("launch", "--resume", str(run_dir), "--backend", "slurm"), cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
+    got = [r["loss"] for r in read_metrics(run_dir)]
+    assert got == pytest.approx(long_reference(rank_env, tmp_path_factory), rel=1e-5)
