@@ -253,14 +253,14 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
                     "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "bf16": t.bf16, "fp16": t.fp16})
     notes += [f"auto: {r}" for r in resolved]
     cfg = dsconfig.resolve_batch(cfg, layout.dp, job.ds_config)
+    notes += [f"DeepSpeed: {w}" for w in dsconfig.validate(cfg, job.ds_config, world=layout.dp,
+                                                             accelerator=accelerator())]
     n = job.data.max_train_samples
     if n is not None and n < cfg["train_batch_size"]:
         raise LabsError(f"{job.ds_config}: train_batch_size = {cfg['train_batch_size']} samples per step, but the job "
                         f"reads at most data.max_train_samples = {n}{' (--dry_run)' if dry_run else ''}: not one step; "
                         f"lower train_micro_batch_size_per_gpu / train_batch_size (or set them to \"auto\" and "
                         f"train.micro_batch in the job), or raise data.max_train_samples")
-    notes += [f"DeepSpeed: {w}" for w in dsconfig.validate(cfg, job.ds_config, world=layout.dp,
-                                                             accelerator=accelerator())]
     for op, seconds, built in dsconfig.ops_needed(cfg):
         if not built:
             notes.append(f"build: this config needs DeepSpeed's {op} op, not built yet in {extensions_dir()}: "
