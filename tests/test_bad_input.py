@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import REPO
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, Phase, assume, event, given, settings
 from hypothesis import strategies as st
 
 from launcher import job as job_module
@@ -462,7 +462,7 @@ def _write_trainable(d: Path, case: dict[str, Any]) -> Path:
     return path
 
 
-@settings(max_examples=3, deadline=None, database=None,
+@settings(max_examples=3, deadline=None, database=None, phases=[Phase.generate],  # no shrinking: 10 s a run
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(case=trainable_jobs())
 def test_generated_jobs_that_plan_train_one_step(ds_ops, case):
