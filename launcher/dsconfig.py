@@ -49,6 +49,7 @@ from collections.abc import Iterator, KeysView
 from pathlib import Path
 from typing import Any
 
+from launcher import files
 from launcher.errors import LabsError
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -60,13 +61,12 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
+    if not files.is_file(p):
         raise LabsError(
             f"DeepSpeed config {str(path)!r} does not exist; pass --ds-config with one of "
             f"{sorted(str(x) for x in Path('ds_configs').glob('*.json')) or 'ds_configs/*.json'}"
         )
-    from launcher.files import load_json
-    cfg = load_json(p, "DeepSpeed config")
+    cfg = files.load_json(p, "DeepSpeed config")
     if not isinstance(cfg, dict):
         raise LabsError(f"{path}: the top level must be a JSON object, got {type(cfg).__name__}")
     return cfg

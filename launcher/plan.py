@@ -17,14 +17,16 @@ import yaml
 
 from launcher import dsconfig
 from launcher.errors import LabsError
+from launcher.files import load_json
 from launcher.hostfile import Hostfile, is_local, load_hostfile, select
-from launcher.job import Job, _build, job_to_dict, load_job
+from launcher.job import Job, job_to_dict, load_job, set_field
 from launcher.layout import Layout
 from launcher.memory import fmt_bytes, zero_model_state_bytes
 from launcher.rank_env import STOP_FILE, accelerator, extensions_dir, free_port, parse_duration
 from tasks import DRY_RUN_MODELS, TASKS
-from tasks.options import OPTIONS, TinyLlamaOptions
+from tasks.options import TinyLlamaOptions, check_options
 from tasks.presets import PRESETS, VOCAB, count_params, lora_params
+from tasks.text_data import check_data_files
 
 REPO = Path(__file__).resolve().parent.parent
 DRY_RUN_CONFIG = "ds_configs/cpu_dry_run.json"
@@ -114,7 +116,7 @@ def _check_model(job: Job) -> tuple[int, int] | None:
         if not weights:
             raise LabsError(f"{job.path}: model.name = {name!r} has config.json but no weights "
                             f"(*.safetensors or *.bin); export the model with save_pretrained()")
-        cfg = json.loads(cfg_file.read_text())
+        cfg = load_json(cfg_file, f"model config of model.name = {name!r}")
         try:
             return count_params(cfg, cfg["vocab_size"])
         except KeyError:
@@ -139,7 +141,8 @@ def _preset_or_config(job: Job) -> dict[str, Any] | None:
     if name in PRESETS:
         return PRESETS[name]
     if (Path(name).expanduser() / "config.json").is_file():
-        return json.loads((Path(name).expanduser() / "config.json").read_text())
+        cfg = load_json(Path(name).expanduser() / "config.json", f"model config of model.name = {name!r}")
+        return cfg if isinstance(cfg, dict) else None
     return None
 
 
@@ -192,8 +195,7 @@ def _check_data(job: Job) -> None:
                         f"(set --data_dir / LABS_DATA_DIR to a folder laid out like shared/data)")
     if d.eval_files and not d.train_files:
         raise LabsError(f"{job.path}: data.eval_files given without data.train_files")
-    if d.block_size < 2:
-        raise LabsError(f"{job.path}: data.block_size = {d.block_size}; it must be >= 2")
+    check_data_files(job)
 
 
 def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str | None = None,
@@ -207,13 +209,13 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
     notes = [] if notes is None else notes
     job = load_job(job_path, sets)
     if ds_config:
-        job.ds_config = ds_config
+        set_field(job, "ds_config", ds_config, "--ds-config")
     elif dry_run:
         job.ds_config = DRY_RUN_CONFIG
     if hostfile:
-        job.hostfile = hostfile
+        set_field(job, "hostfile", hostfile, "--hostfile")
     if backend:
-        job.backend = backend
+        set_field(job, "backend", backend, "--backend")
     if dry_run:
         apply_dry_run(job)
     if job.task not in TASKS:
@@ -223,7 +225,7 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
     if job.cluster.launcher not in LAUNCHERS:
         raise LabsError(f"{job.path}: cluster.launcher = {job.cluster.launcher!r}; choose one of "
                         f"{', '.join(LAUNCHERS)} (--launcher)")
-    _build(OPTIONS[job.task], job.options, job.path, "options.")
+    check_options(job, _preset_or_config(job))
     ds_path = _abs(job.ds_config)
     cfg = dsconfig.load_ds_config(ds_path)
     for key, value in job.ds.items():
@@ -270,8 +272,6 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
         parse_duration(job.train.max_time)
     except ValueError as e:
         raise LabsError(f"{job.path}: train.max_time = {job.train.max_time!r}: {e}") from None
-    if job.train.epochs < 1:
-        raise LabsError(f"{job.path}: train.epochs = {job.train.epochs}; it must be >= 1")
     return job, cfg, hf, layout
 
 
@@ -340,7 +340,11 @@ def _abs(p: str) -> str:
     """A path as given when it exists from here, else relative to the repository (so jobs work from
     any folder); unchanged when neither exists, so the error shows what the user wrote."""
     path = Path(p).expanduser()
-    if path.is_absolute() or path.exists() or not (REPO / path).exists():
+    try:
+        keep = path.is_absolute() or path.exists() or not (REPO / path).exists()
+    except OSError:  # a name too long for the filesystem: the loader says so with the file's name
+        keep = True
+    if keep:
         return str(path)
     return str(REPO / path)
 
