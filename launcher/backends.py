@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from launcher.errors import LabsError
+from launcher.masking import mask
 from launcher.rank_env import accelerator, extensions_dir
 
 if TYPE_CHECKING:
@@ -227,7 +228,6 @@ def render_slurm_script(plan: Plan) -> str:
               "output": str(plan.run_dir / "logs" / "slurm-%j.out")}
     if c.partition:
         sbatch["partition"] = c.partition
-    from launcher.plan import mask
     settings = {"LABS_REPO": str(REPO), "LABS_BIN": str(Path(sys.executable).parent),
                 "PROCS_PER_NODE": str(procs), "MASTER_PORT": str(plan.master_port),
                 "LABS_WORKER_ARGS": " ".join(shlex.quote(a) for a in worker_args(plan))}

@@ -3,6 +3,7 @@
     labs plan   jobs/demo.yaml [--ds-config F] [--hostfile F] [--set key=value ...]
     labs launch jobs/demo.yaml [same flags] [--dry_run] [--resume [RUN_DIR]] [--epochs N]
     labs presets
+    labs peak   [--dtype fp32 bf16] [--threads 1 2] [--refresh]   (the matmul peak behind MFU)
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data_dir", help="local data folder laid out like shared/data (default $LABS_DATA_DIR)")
     p.add_argument("--resume", nargs="?", const="auto", help="continue the latest (or the given) run from its checkpoint")
     p.add_argument("--master_port", type=int)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="the whole plan, and every rank's and DeepSpeed's output on the console")
 
 
 def _plan(args: argparse.Namespace):
@@ -64,7 +67,7 @@ def _plan(args: argparse.Namespace):
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from launcher.plan import render
-    print(render(_plan(args)))
+    print(render(_plan(args), verbose=args.verbose))
     return 0
 
 
@@ -73,9 +76,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     from launcher import supervise
     from launcher.backends import build_command, check_ssh, check_tools
-    from launcher.plan import mask, render, write_run_files
+    from launcher.masking import mask
+    from launcher.plan import render, write_run_files
     from launcher.rank_env import EXIT_STOPPED, clear_stale_build_locks, free_port, port_free, remove_shm
 
+    if args.verbose:
+        os.environ["LABS_VERBOSE"] = "1"  # passed to the ranks (LABS_*): they keep their output on the console
     plan = _plan(args)
     backend = plan.job.backend
     if backend in ("local", "torchrun") and not port_free(plan.master_port):
@@ -84,7 +90,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
                             f"or leave --master_port out (labs then picks a free one)")
         plan.master_port = free_port()
         plan.command = build_command(plan)
-    print(render(plan), flush=True)
+    print(render(plan, verbose=args.verbose), flush=True)
     if backend == "ssh":
         print(f"\n== checking ssh to {', '.join(plan.hostfile.hosts)}", flush=True)
         check_tools(plan)
@@ -104,7 +110,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         started = time.time()
         # from the repository root: DeepSpeed's multi-node runner cds every host to its own folder
         out = supervise.run_ranks(plan.command, env, cwd=REPO if backend == "ssh" else None, run_dir=plan.run_dir,
-                                  secrets=secrets, grace=plan.job.train.stop_grace)
+                                  secrets=secrets, grace=plan.job.train.stop_grace, verbose=args.verbose)
         remove_shm(plan.master_port)  # what ranks that died could not remove themselves (this host's only)
         if out.code == 0 or out.signalled or plan.port_given or not supervise.port_lost(plan.run_dir):
             break
@@ -218,20 +224,23 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 # Subcommands that own their whole argument list: `labs NAME ...` runs MODULE.main(argv).
-DELEGATED = {"rag": "tasks.rag", "compare": "launcher.compare"}
+DELEGATED = {"rag": "tasks.rag", "compare": "launcher.compare", "peak": "launcher.mfu",
+             "export": "launcher.export", "merge": "launcher.export:main_merge", "runs": "launcher.runs"}
+"""`labs NAME ...` -> MODULE.main(argv), or MODULE:FUNCTION(argv)."""
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in DELEGATED:
         import importlib
+        modname, _, func = DELEGATED[argv[0]].partition(":")
         try:
-            module = importlib.import_module(DELEGATED[argv[0]])
+            module = importlib.import_module(modname)
         except ModuleNotFoundError:
             print(f"error: `labs {argv[0]}` is not available in this version", file=sys.stderr)
             sys.exit(2)
         try:
-            sys.exit(module.main(argv[1:]))
+            sys.exit(getattr(module, func or "main")(argv[1:]))
         except LabsError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -162,6 +162,8 @@ class TrainSection:
     output_dir: str = checked(PATH_RULE, "runs")
     export: bool = True
     """Export the final model in Hugging Face format."""
+    checkpoint: bool | None = None
+    """Keep the run's final checkpoint (null: yes, except for --dry_run). A run stopped early always keeps it."""
     keep_checkpoints: int = checked(at_least(0, "the newest K complete checkpoints are kept; 0: all"), 0)
     """Keep only the newest K complete checkpoints (0: keep all)."""
     max_time: str | int | None = None

@@ -16,11 +16,13 @@ from typing import Any
 import yaml
 
 from launcher import dsconfig
+from launcher.backends import PASS_PREFIXES, PASS_THROUGH
 from launcher.errors import LabsError
 from launcher.files import load_json
 from launcher.hostfile import Hostfile, is_local, load_hostfile, select
 from launcher.job import Job, job_to_dict, load_job, set_field
 from launcher.layout import Layout
+from launcher.masking import mask
 from launcher.memory import fmt_bytes, zero_model_state_bytes
 from launcher.rank_env import STOP_FILE, accelerator, extensions_dir, free_port, parse_duration
 from tasks import DRY_RUN_MODELS, TASKS
@@ -29,7 +31,6 @@ from tasks.presets import PRESETS, VOCAB, count_params, lora_params
 from tasks.text_data import check_data_files
 
 REPO = Path(__file__).resolve().parent.parent
-DRY_RUN_CONFIG = "ds_configs/cpu_dry_run.json"
 LORA_DEFAULT = TinyLlamaOptions().lora_target_modules
 BACKENDS = ("auto", "local", "torchrun", "ssh", "slurm")
 LAUNCHERS = ("pdsh", "openmpi")
@@ -84,7 +85,8 @@ class Plan:
 
 
 def apply_dry_run(job: Job) -> None:
-    """A handful of samples, on CPU, offline: built-in text unless local files are given."""
+    """A handful of samples, on CPU, offline: built-in text unless local files are given. The job's own
+    DeepSpeed config (its ZeRO stage, pipeline, tensor parallel) is kept: a dry run is the same run, smaller."""
     if not job.data.train_files:
         job.data.dataset = "sample"
     job.data.max_train_samples = min(job.data.max_train_samples or 32, 32)
@@ -92,6 +94,8 @@ def apply_dry_run(job: Job) -> None:
     job.data.block_size = min(job.data.block_size, 32)
     job.train.max_steps = min(job.train.max_steps or 3, 3)
     job.train.epochs = 1
+    if job.train.checkpoint is None:  # a dry run keeps no checkpoint unless asked (train.checkpoint=true)
+        job.train.checkpoint = False
     if not _is_local_model(job.model.name) and job.model.name not in PRESETS and job.task in DRY_RUN_MODELS:
         job.model.name = DRY_RUN_MODELS[job.task]
 
@@ -210,8 +214,6 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
     job = load_job(job_path, sets)
     if ds_config:
         set_field(job, "ds_config", ds_config, "--ds-config")
-    elif dry_run:
-        job.ds_config = DRY_RUN_CONFIG
     if hostfile:
         set_field(job, "hostfile", hostfile, "--hostfile")
     if backend:
@@ -463,28 +465,59 @@ def write_run_files(plan: Plan) -> None:
     env_file.write_text(env_file_text(plan.env))
 
 
-SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "PWD", "PASS", "CREDENTIAL",
-                "AUTH", "AUTHORIZATION", "PRIVATE", "COOKIE", "SESSION", "SIGNATURE", "CERT", "PIN", "SALT")
+def _changed(job: Job) -> list[str]:
+    """The job's fields that differ from the built-in defaults, as `section.key=value`."""
+    default, mine = job_to_dict(Job()), job_to_dict(job)
+
+    def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict) and a and b:
+            return [x for k in b for x in walk(a.get(k), b[k], f"{prefix}{k}.")]
+        return [] if a == b else [f"{prefix[:-1]}={json.dumps(b) if not isinstance(b, str) else b}"]
+    shown_elsewhere = ("name=", "ds_config=", "hostfile=", "backend=")
+    return [x for x in walk(default, mine, "") if not x.startswith(shown_elsewhere)]
 
 
-def is_secret(key: str) -> bool:
-    """A name part (between '_') that is, or ends with, a secret word, in the singular or plural:
-    WANDB_API_KEY, HF_TOKEN, LABS_DB_PASSWD, WANDB_ACCESS_CREDENTIALS, MY_APIKEY; not
-    TOKENIZERS_PARALLELISM or HF_HUB_OFFLINE."""
-    for part in key.upper().split("_"):
-        part = part[:-1] if part.endswith("S") and len(part) > 3 else part
-        if any(part.endswith(w) for w in SECRET_WORDS):
-            return True
-    return False
+def render_short(plan: Plan) -> str:
+    """What `labs plan` / `labs launch` print by default: the decisions, in a dozen lines (-v: all)."""
+    job, cfg, lay = plan.job, plan.ds_config, plan.layout
+    c, hf = job.cluster, plan.hostfile
+    opt = cfg.get("optimizer", {})
+    autos = [n for n in plan.notes if n.startswith("auto: ")]
+    mem = plan.memory()
+    lines = [f"== plan: job {job.name!r} ({job.path}): task {job.task}, model {job.model.name}",
+             "  changed from the defaults: " + (", ".join(_changed(job)) or "nothing"),
+             f"  DeepSpeed config {job.ds_config}: ZeRO-{plan.zero_stage}, {checkpoints_precision(cfg)}, "
+             f"optimizer {opt.get('type', '?')}" + (f"; {len(autos)} \"auto\" value(s) resolved (-v lists them)"
+                                                   if autos else ""),
+             f"  hosts ({job.hostfile}, backend {job.backend}): "
+             + ", ".join(f"{h} slots={n}" for h, n in hf.hosts.items())
+             + (f", --include {c.include}" if c.include else "") + (f", --exclude {c.exclude}" if c.exclude else "")]
+    if job.backend == "ssh":
+        lines.append(f"  backend ssh ({c.launcher}): every host must answer ssh and hold {REPO} and this venv")
+    elif job.backend == "slurm":
+        lines.append(f"  backend slurm: the job script is written to {plan.run_dir}/slurm_job.sh")
+    lines += [f"  layout: {lay.describe()}; train_batch_size {cfg['train_batch_size']} = micro batch "
+              f"{cfg['train_micro_batch_size_per_gpu']} x grad accum {cfg['gradient_accumulation_steps']} x dp {lay.dp}"]
+    if mem:
+        lines.append("  model states per rank: " + ", ".join(
+            f"ZeRO-{st}: {fmt_bytes(b)}" + (" <- this config" if st == plan.zero_stage else "") for st, b in mem.items()))
+    lines += [f"  {n}" for n in plan.notes if not n.startswith("auto: ")]
+    passed = {k: v for k, v in plan.env.items() if k.startswith(PASS_PREFIXES) or k in PASS_THROUGH}
+    if passed:
+        lines.append("  passed to the ranks: " + " ".join(f"{k}={mask(k, v)}" for k, v in passed.items()))
+    lines += [f"  run folder {plan.run_dir}; rendezvous port {plan.master_port}",
+              "  command: " + " ".join(plan.command)]
+    return "\n".join(lines)
 
 
-def mask(key: str, value: str) -> str:
-    """Passed-through values whose name suggests a secret reach the ranks but are never printed;
-    only the owner-only env file holds them."""
-    return "***" if value and is_secret(key) else value
+def checkpoints_precision(cfg: dict[str, Any]) -> str:
+    from launcher.checkpoints import precision
+    return precision(cfg)
 
 
-def render(plan: Plan) -> str:
+def render(plan: Plan, verbose: bool = True) -> str:
+    if not verbose:
+        return render_short(plan)
     job, cfg, lay = plan.job, plan.ds_config, plan.layout
     lines = ["== job", yaml.safe_dump(job_to_dict(job), sort_keys=False).rstrip(), "",
              f"== DeepSpeed config ({job.ds_config}, after overrides)", json.dumps(cfg, indent=2), "",

@@ -152,6 +152,61 @@ def single_process_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# ---------------------------------------------------------------- a quiet console
+
+def verbose() -> bool:
+    return os.environ.get("LABS_VERBOSE", "") not in ("", "0")
+
+
+def quiet_console(log_file: Path, rank: int) -> None:
+    """Keep the console for what a user reads (rank 0's progress, its summary, errors): every rank's
+    stderr (Python and library warnings, tracebacks) and every other rank's stdout go to its log file
+    instead, where `labs launch` shows them if the rank fails first. `labs launch -v` (LABS_VERBOSE=1)
+    leaves everything on the console."""
+    if verbose():
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    global _console_fd
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _console_fd = os.dup(1)
+    os.dup2(fd, 2)
+    if rank != 0:
+        os.dup2(fd, 1)
+    os.close(fd)
+    import logging
+    import warnings
+    logging.captureWarnings(True)  # to stderr, which is the log file now
+    warnings.simplefilter("default")
+
+
+_console_fd: int | None = None
+
+
+def to_console(text: str) -> None:
+    """One write to the console even from a quiet rank (its line `rank R host H: ...`), in one piece so
+    that ranks sharing a pipe do not interleave."""
+    sys.stdout.flush()
+    os.write(_console_fd if _console_fd is not None else 1, text.encode())
+
+
+def quiet_deepspeed(log_file: Path) -> None:
+    """DeepSpeed's own logger writes INFO and WARNING lines to stdout: in quiet mode only its errors stay
+    on the console; the rest goes to the rank's log."""
+    if verbose():
+        return
+    import logging
+
+    from deepspeed.utils import logger as ds_logger
+    for h in ds_logger.handlers:
+        h.setLevel(logging.ERROR)
+    fh = logging.FileHandler(log_file)
+    fh.setLevel(logging.INFO)
+    fh.setFormatter(logging.Formatter("%(asctime)s [deepspeed %(levelname)s] %(message)s", "%H:%M:%S"))
+    ds_logger.addHandler(fh)
+
+
 # ---------------------------------------------------------------- stopping early, on every rank
 
 def parse_duration(text: str | int | float | None) -> float | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,15 +41,14 @@ class Outcome:
 
 
 def run_ranks(cmd: list[str], env: dict[str, str], cwd, run_dir: Path, secrets: list[str],
-              grace: float) -> Outcome:
-    """Run the runner until it and every process of its group have ended; see the module doc."""
+              grace: float, verbose: bool = False) -> Outcome:
+    """Run the runner until it and every process of its group have ended; see the module doc. Its
+    output passes through a filter: secrets (DeepSpeed's multi-node runner logs its whole pdsh command,
+    exports included) become ***, and, unless verbose, the launchers' INFO lines are dropped."""
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True,
-                            stdout=subprocess.PIPE if secrets else None,
-                            stderr=subprocess.STDOUT if secrets else None)
-    pump = None
-    if secrets:  # DeepSpeed's multi-node runner logs its whole pdsh command, exports included
-        pump = threading.Thread(target=_pump, args=(proc.stdout, secrets), daemon=True)
-        pump.start()
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, secrets, verbose), daemon=True)
+    pump.start()
     state = {"signal": None, "count": 0, "deadline": None}
     outcome = Outcome(code=0)
 
@@ -85,16 +85,21 @@ def run_ranks(cmd: list[str], env: dict[str, str], cwd, run_dir: Path, secrets: 
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    if pump is not None:
-        pump.join(timeout=5)
+    pump.join(timeout=5)
     outcome.code, outcome.signalled = proc.returncode, state["signal"]
     return outcome
 
 
-def _pump(stream, secrets: list[str]) -> None:
+LAUNCHER_INFO = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[INFO\] \[(launch|runner|multinode_runner|"
+                           r"real_accelerator|constants)\.py")
+
+
+def _pump(stream, secrets: list[str], verbose: bool) -> None:
     for line in io.TextIOWrapper(stream, newline="", errors="replace"):  # '\r' ends a line too
         for secret in secrets:
             line = line.replace(secret, "***")
+        if not verbose and LAUNCHER_INFO.match(line) and "cmd = " not in line:
+            continue  # DeepSpeed's launchers' bookkeeping; the command they run (cmd = ...) stays
         sys.stdout.write(line)
         sys.stdout.flush()
 

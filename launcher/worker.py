@@ -83,6 +83,8 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
     if rank != 0:
         from deepspeed.utils import logger as ds_logger
         ds_logger.setLevel(logging.WARNING)
+    from launcher.rank_env import quiet_deepspeed
+    quiet_deepspeed(run_dir / "logs" / f"rank{rank}.log")
 
 
 def _seed(seed: int) -> None:
@@ -166,22 +168,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from launcher.rank_env import single_process_env
     single_process_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    from launcher import rank_env
+    if args.run_dir:  # started by labs launch: the console is for rank 0's progress (-v: everything)
+        rank_env.quiet_console(Path(args.run_dir) / "logs" / f"rank{rank}.log", rank)
     job, cfg, layout = resolve_in_rank(args, world)  # user errors surface before any collective
 
     import deepspeed
     import torch
     import torch.distributed as dist
 
-    from launcher import rank_env
     from launcher.engine import build_strategy
     from launcher.job import _build, job_to_dict
     from tasks import get_task
     from tasks.options import OPTIONS
     if os.environ["DS_ACCELERATOR"] == "cpu":
-        rank_env.clear_stale_build_locks(say=lambda m: print(f"[rank {rank}] {m}", file=sys.stderr, flush=True))
+        rank_env.clear_stale_build_locks(say=lambda m: rank_env.to_console(f"[rank {rank}] {m}\n"))
         if not rank_env.comm_op_built() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"[rank {rank}] building DeepSpeed's CPU comm op into {rank_env.extensions_dir()} (once per "
-                  f"extensions folder, about {rank_env.COMM_OP_SECONDS} s)", file=sys.stderr, flush=True)
+            rank_env.to_console(f"[rank {rank}] building DeepSpeed's CPU comm op into {rank_env.extensions_dir()} "
+                                f"(once per extensions folder, about {rank_env.COMM_OP_SECONDS} s)\n")
     deepspeed.init_distributed(dist_backend="gloo" if os.environ["DS_ACCELERATOR"] == "cpu" else None)
     if args.run_dir:
         run_dir = Path(args.run_dir)
@@ -283,8 +287,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if not math.isfinite(loss):
                 raise RuntimeError(f"loss became {loss} at step {step}")
             if step % job.train.log_every == 0 or step == total:
+                from launcher import mfu  # FLOPs/token and the peak: worked out (and logged) at the first call
                 metrics.write({"kind": "train", "step": step, "epoch": epoch, "loss": loss, "lr": strategy.lr(),
-                               "tokens_per_s": tokens / dt_step, "step_time_s": dt_step})
+                               "tokens_per_s": tokens / dt_step, "step_time_s": dt_step,
+                               **mfu.train_fields(parts.model, micro, cfg, layout, tokens, dt_step)})
                 log.debug("step %d loss %.5f", step, loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
@@ -317,18 +323,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             task.export(parts, state, model_dir)
             torch.save({"batch": probe, "logits": logits}, run_dir / "probe_logits.pt")
         dist.barrier()
+    from launcher import mfu
+    if job.train.checkpoint is False:  # e.g. a dry run: nothing to resume, and it can be 100s of MB
+        if rank == 0:
+            import shutil
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        dist.barrier()
     summary = {"task": job.task, "steps": step, "world": layout.world, "layout": layout.describe(),
                "zero_stage": cfg.get("zero_optimization", {}).get("stage", 0),
                "final_train_loss": loss, **eval_result,
                "tokens_per_s": tokens_seen / train_time if train_time else 0.0,
+               **mfu.summary_fields(parts.model, tokens_seen, train_time),
                "train_time_s": train_time, "run_dir": str(run_dir),
                "model_dir": str(model_dir) if job.train.export else None,
-               "checkpoint_dir": str(ckpt_dir),
+               "checkpoint_dir": str(ckpt_dir) if job.train.checkpoint is not False else None,
                "ranks": _rank_info(strategy, rank, layout.world, local_samples)}
     # every rank says where it ran and what it did: multi-host runs are checked from these lines
-    sys.stdout.write(f"rank {rank} host {os.uname().nodename}: {step} steps, {local_samples} samples of its "
-                     f"shard, loss {loss:.4f}\n")  # one write: ranks sharing a pipe or file do not interleave
-    sys.stdout.flush()
+    rank_env.to_console(f"rank {rank} host {os.uname().nodename}: {step} steps, {local_samples} samples of its "
+                        f"shard, loss {loss:.4f}\n")
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _print_summary(summary)
@@ -411,8 +423,9 @@ def _print_summary(s: dict[str, Any]) -> None:
             ("final train loss", f"{s['final_train_loss']:.4f}")]
     rows += [(k.replace("_", " "), f"{v:.4f}") for k, v in s.items()
              if k in ("eval_loss", "perplexity", "accuracy")]
-    rows += [("tokens/s", f"{s['tokens_per_s']:.0f}"), ("train time", f"{s['train_time_s']:.1f} s"),
-             ("model saved to", s["model_dir"]), ("checkpoints", s["checkpoint_dir"])]
+    from launcher.mfu import summary_rows
+    rows += [("tokens/s", f"{s['tokens_per_s']:.0f}"), *summary_rows(s), ("train time", f"{s['train_time_s']:.1f} s"),
+             ("model saved to", s["model_dir"]), ("checkpoints", s["checkpoint_dir"] or "none kept (train.checkpoint: false, as in dry runs)")]
     width = max(len(k) for k, _ in rows)
     print("\n== summary\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
 

@@ -25,7 +25,8 @@ def test_python_module_dry_run_single_process(ds_ops, tmp_path):
     assert_ok(proc)
     (rd,) = run_dirs(tmp_path)
     s = summary(rd)
-    assert s["world"] == 1 and s["steps"] == 3 and s["zero_stage"] == 0  # ds_configs/cpu_dry_run.json
+    assert s["world"] == 1 and s["steps"] == 3 and s["zero_stage"] == 2  # the default job's ds_configs/zero2.json
+    assert s["checkpoint_dir"] is None and not (rd / "checkpoints").exists()  # a dry run keeps no checkpoint
     assert "== summary" in proc.stdout and "perplexity" in proc.stdout and "tokens/s" in proc.stdout
 
 
@@ -33,7 +34,9 @@ def test_labs_launch_dry_run_two_ranks(ds_ops, tmp_path):
     proc, rd = launch("jobs/fine_tune_zero2.yaml", tmp_path, "--dry_run")
     assert_ok(proc)
     s = summary(rd)
-    assert s["world"] == 2 and s["steps"] == 3 and "ds_configs/cpu_dry_run.json" in (rd / "job.yaml").read_text()
+    # a dry run keeps the job's own strategy (ZeRO-2 here), only smaller
+    assert s["world"] == 2 and s["steps"] == 3 and s["zero_stage"] == 2
+    assert "ds_configs/zero2.json" in (rd / "job.yaml").read_text()
     env_file = (rd / "ds_env").read_text()
     assert "DS_ACCELERATOR=cpu\n" in env_file and "TORCH_EXTENSIONS_DIR=" in env_file
     assert all(line and not line.startswith("#") and "=" in line for line in env_file.splitlines())

@@ -48,8 +48,27 @@ def test_batch_triad_that_does_not_multiply_out(tmp_path):
 
 def test_batch_triad_depends_on_world_size(tmp_path):
     hf = write(tmp_path / "hosts", "localhost slots=1\n")
-    msg = plan_error("jobs/demo.yaml", hostfile=hf)
+    msg = plan_error("jobs/demo.yaml", hostfile=hf, sets=["ds.train_batch_size=8"])  # a fixed global batch
     assert "2 x 2 x 1 = 4" in msg
+
+
+SHIPPED = sorted(p.name for p in (REPO / "ds_configs").glob("*.json"))
+SPLIT = ("pipeline", "model_parallel", "tensor_parallel")  # 2 stages / 2 shards: at least 2 ranks
+
+
+@pytest.mark.parametrize("config, slots", [(c, n) for c in SHIPPED for n in (1, 2, 4)
+                                           if n > 1 or not c.startswith(SPLIT)])
+def test_shipped_configs_fit_any_world_size(tmp_path, config, slots):
+    """Micro batch and accumulation are fixed, the global batch derived: 1, 2 or 4 ranks all plan."""
+    hf = write(tmp_path / "hosts", f"localhost slots={slots}\n")
+    plan = make_plan("jobs/fine_tune_zero2.yaml", ds_config=f"ds_configs/{config}", hostfile=hf)
+    c = plan.ds_config
+    assert c["train_batch_size"] == c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"] * plan.layout.dp
+
+
+def test_readme_cluster_example_plans():
+    plan = make_plan("jobs/tinyllama_lora.yaml", hostfile="hostfiles/cluster.example")
+    assert plan.layout.world == 4 and plan.job.backend == "ssh" and plan.ds_config["train_batch_size"] == 16
 
 
 def test_auto_batch_is_resolved_for_the_world():

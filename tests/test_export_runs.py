@@ -1,0 +1,82 @@
+"""After a run: `labs export RUN [--step N]` (HF weights from a checkpoint), `labs merge RUN` (a LoRA
+adapter merged into its base), `labs runs` (list, prune). Dry runs keep no checkpoint unless asked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import assert_ok, labs, launch
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def lora_zero3_run(ds_ops, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    proc, run = launch("jobs/tinyllama_lora.yaml", out, "--dry_run", "--ds-config", "ds_configs/zero3.json",
+                       "--set", "train.checkpoint=true")
+    assert_ok(proc)
+    return out, run
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+    (f,) = list(folder.glob("*.safetensors"))
+    return load_file(f)
+
+
+def test_export_of_a_zero3_lora_checkpoint_equals_the_runs_own_export(lora_zero3_run, tmp_path):
+    _, run = lora_zero3_run
+    step = json.loads((run / "summary.json").read_text())["steps"]
+    proc = labs("export", str(run), "--step", str(step), "--out", str(tmp_path / "exp"))
+    assert_ok(proc)
+    mine, theirs = _tensors(tmp_path / "exp" / "adapter"), _tensors(run / "hf" / "adapter")
+    assert mine.keys() == theirs.keys() and len(mine) > 0
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert any(t.abs().sum() > 0 for k, t in mine.items() if "lora_B" in k)  # ZeRO-3 did not save an empty adapter
+
+
+def test_merge_equals_base_plus_adapter(lora_zero3_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    _, run = lora_zero3_run
+    proc = labs("merge", str(run), "--out", str(tmp_path / "merged"))
+    assert_ok(proc)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(run / "hf" / "base")
+    peft = PeftModel.from_pretrained(base, run / "hf" / "adapter").eval()
+    ids = torch.tensor([[1, 15, 200, 7, 31, 99]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, peft(ids).logits, atol=1e-5)
+
+
+def test_export_refuses_what_it_cannot(lora_zero3_run, tmp_path):
+    _, run = lora_zero3_run
+    proc = labs("export", str(run), "--step", "999")
+    assert proc.returncode == 2 and "--step 999" in proc.stderr and "complete checkpoints at steps" in proc.stderr
+    proc = labs("export", str(tmp_path))
+    assert proc.returncode == 2 and "not a run folder" in proc.stderr
+
+
+def test_dry_run_keeps_no_checkpoint_and_runs_lists_and_prunes(ds_ops, lora_zero3_run, tmp_path):
+    out, kept = lora_zero3_run
+    proc, dry = launch("jobs/fine_tune_dry_run.yaml", out, "--dry_run", "--set", "train.export=false")
+    assert_ok(proc)
+    assert not (dry / "checkpoints").exists()
+    assert "none kept" in proc.stdout
+    failed = out / "some_job" / "20260101-000000"
+    failed.mkdir(parents=True)
+    (failed / "job.yaml").write_text("task: fine_tune\n")
+    listing = labs("runs", "--output_dir", str(out))
+    assert_ok(listing)
+    lines = {line.split()[0]: line for line in listing.stdout.splitlines() if line.startswith(str(out))}
+    assert " finished " in lines[str(kept)] and "eval_loss" in lines[str(kept)]
+    assert " failed " in lines[str(failed)]
+    shown = labs("runs", "--output_dir", str(out), "--prune", "--status", "failed")
+    assert_ok(shown)
+    assert f"would remove {failed}" in shown.stdout and failed.exists()
+    gone = labs("runs", "--output_dir", str(out), "--prune", "--status", "failed", "--yes")
+    assert_ok(gone)
+    assert not failed.exists() and kept.exists() and dry.exists()
