@@ -316,11 +316,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _comms_summary(cfg, run_dir, rank)
     model_dir = run_dir / "hf"
     if job.train.export:
+        log.info("gathering the final weights on rank 0%s ...",
+                 " from the partitioned checkpoint (ZeRO-3)" if cfg.get("zero_optimization", {}).get("stage") == 3 else "")
         state = strategy.full_state_dict(ckpt_dir / f"step{step}")
         probe = {k: v[:1] for k, v in parts.collate([parts.eval_data[0]]).items()}
         logits = strategy.forward(probe).logits.detach().float()
         if rank == 0:
+            t_export = time.perf_counter()
+            log.info("exporting the model in Hugging Face format to %s ...", model_dir)
             task.export(parts, state, model_dir)
+            log.info("exported in %.1f s", time.perf_counter() - t_export)
             torch.save({"batch": probe, "logits": logits}, run_dir / "probe_logits.pt")
         dist.barrier()
     from launcher import mfu
@@ -404,7 +409,10 @@ def _eval_sums(task, strategy, parts, layout, dp_rank: int, mb: int) -> dict[str
     mine = list(range(dp_rank, n, layout.dp))
     n_batches = math.ceil(math.ceil(n / layout.dp) / mb)
     sums: dict[str, float] = {}
-    for i in range(n_batches):
+    from tqdm import tqdm
+    show = (not dist.is_initialized() or dist.get_rank() == 0) and n_batches > 1
+    for i in tqdm(range(n_batches), desc="eval", unit="batch", disable=not show, leave=False, file=sys.stdout,
+                  mininterval=1.0, dynamic_ncols=True):
         idx = mine[i * mb:(i + 1) * mb]
         weight = 1.0 if idx else 0.0
         batch = parts.collate([parts.eval_data[j] for j in (idx or mine[:1] or [0])])
