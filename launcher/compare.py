@@ -69,6 +69,7 @@ def _fp32_formula(stage: int, params: int, dp: int) -> int:
 
 
 def run_one(args, spec: str, out: Path) -> dict[str, Any]:
+    from launcher import checkpoints
     from launcher.plan import make_plan
 
     name, ranks = _strategy(spec)
@@ -113,7 +114,9 @@ def run_one(args, spec: str, out: Path) -> dict[str, Any]:
         "zero_stage": stage, "micro_batches": plan.ds_config["gradient_accumulation_steps"],
         "global_batch": plan.ds_config["train_batch_size"], "steps": summ["steps"],
         "final_loss": summ["final_train_loss"], "eval_loss": summ.get("eval_loss"),
-        "tokens_per_s": summ["tokens_per_s"],
+        "tokens_per_s": summ["tokens_per_s"], "precision": checkpoints.precision(plan.ds_config),
+        "flops_per_s": summ.get("flops_per_s"), "mfu": summ.get("mfu"), "peak": summ.get("peak"),
+        "flops_per_token": summ.get("flops_per_token"),
         "step_time_s": statistics.median(r["step_time_s"] for r in train[1:] or train),
         "losses": [r["loss"] for r in train], "wall_s": wall,
         "peak_rss_bytes": [r["peak_rss_bytes"] for r in ranks_info],
@@ -132,26 +135,38 @@ def _mib(b: float) -> str:
     return fmt_bytes(b)
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def write_report(results: list[dict[str, Any]], out: Path, job: str, steps: int, command: str) -> None:
-    rows = ["| strategy | ranks (dp x tp x pp) | micro-batches | tokens/s | time/step | peak RSS / rank "
+    from launcher.mfu import fmt_flops
+    rows = ["| strategy | ranks (dp x tp x pp) | micro-batches | tokens/s | FLOP/s | MFU | time/step | peak RSS / rank "
             "| model states / rank (measured) | of which params + master + grads + optimizer (rank 0) "
             "| fp32 formula | plan formula (mixed prec.) | final loss |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         d = r["state_detail"][0]
         parts = " + ".join(_mib(d[k]) for k in ("params", "master", "grads", "optimizer"))
         rows.append(
             f"| {r['strategy']} | {r['world']} ({r['dp']} x {r['tp']} x {r['pp']}) | {r['micro_batches']} "
-            f"| {r['tokens_per_s']:.0f} | {r['step_time_s']:.3f} s "
+            f"| {r['tokens_per_s']:.0f} | {fmt_flops(r['flops_per_s']) if r.get('flops_per_s') else '-'} "
+            f"| {_pct(r.get('mfu'))} | {r['step_time_s']:.3f} s "
             f"| {' / '.join(_mib(b) for b in r['peak_rss_bytes'])} "
             f"| {' / '.join(_mib(b) for b in r['state_bytes'])} | {parts} "
             f"| {' / '.join(_mib(b) for b in r['formula_fp32_bytes'])} "
             f"| {_mib(r['formula_mixed_bytes']) if r['formula_mixed_bytes'] else '-'} | {r['final_loss']:.4f} |")
     first = results[0]
+    precisions = ", ".join(sorted({r.get("precision", "fp32") for r in results}))
+    peaks = sorted({r["peak"] for r in results if r.get("peak")})
     text = [f"# Strategy comparison: `{job}`", "",
             f"Produced by `{command}` on this machine ({steps} steps per strategy, global batch "
-            f"{first['global_batch']} sequences, same seed and data; fp32, CPU, gloo).", "",
+            f"{first['global_batch']} sequences, same seed and data; {precisions}, CPU, gloo).", "",
             *rows, "",
+            "- FLOP/s: model FLOPs per token (launcher/mfu.py: "
+            f"{first.get('flops_per_token', 0) / 1e6:,.1f} MFLOP/token, 6N + 12*L*h*s) x tokens/s; MFU: FLOP/s / "
+            "(ranks x the matmul peak of one rank), the peak" + ("s: " if len(peaks) > 1 else ": ")
+            + "; ".join(peaks or ["-"]) + ".",
             "- tokens/s: all tokens of the run / training time (rank 0's clock, first step included); "
             "time/step: median step after the first.",
             "- peak RSS / rank: `ru_maxrss` of each rank process (includes Python, torch, the tokenizer and the "

@@ -209,6 +209,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     parts = task.build(job, options, dry_run=args.dry_run)
     n_params = sum(p.numel() for p in parts.model.parameters())
     n_train = sum(p.numel() for p in parts.model.parameters() if p.requires_grad)
+    from launcher.dsconfig import ops_needed
+    for op, seconds, built in ops_needed(cfg):
+        if not built and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            rank_env.to_console(f"[rank {rank}] building DeepSpeed's {op} op into {rank_env.extensions_dir()} "
+                                f"(once per extensions folder, about {seconds} s)\n")
     strategy = build_strategy(parts.model, cfg, layout)
     log.info("task %s | model %s | %s params (%.1f%% trainable) | %s | ZeRO-%s | host %s",
              job.task, job.model.name, f"{n_params:,}", 100.0 * n_train / max(n_params, 1),

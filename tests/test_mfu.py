@@ -1,0 +1,194 @@
+"""MFU: FLOPs per token (hand count, and torch's FlopCounterMode), the cached matmul peak, the MFU in
+a run's summary.json / metrics.jsonl, and a bf16 config on 2 gloo ranks (launcher/mfu.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, assert_ok, launch, read_metrics, summary
+
+from launcher import mfu
+from tasks.presets import PRESETS, VOCAB, count_params
+
+SEQ = 64
+
+
+def test_flops_per_token_hand_count_llama_58m():
+    """llama-58m (h 512, i 1408, 8 layers, 8 heads, vocab 32,000, untied) at s = 512, by hand."""
+    h, i, layers, vocab, s = 512, 1408, 8, 32000, 512
+    per_layer = 4 * h * h + 3 * h * i  # q, k, v, o + gate, up, down
+    n = layers * per_layer + vocab * h  # + LM head; the embedding lookup is not a matmul
+    assert n == 42_074_112
+    want = 6 * n + 12 * layers * h * s
+    got = mfu.preset_flops("llama-58m", s)
+    assert got.total == want == 277_610_496
+    assert got.matmul_params == n and got.attention == 12 * layers * h * s
+    assert got.formula == "6N + 12*L*h*s"
+    # N is the parameter count less the embedding and the norms
+    total, _ = count_params(PRESETS["llama-58m"], VOCAB["llama-sp"])
+    assert n == total - vocab * h - layers * 2 * h - h
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_flops_per_token_matches_flop_counter(name):
+    """One forward + backward under torch.utils.flop_counter (eager attention: torch counts its bmm,
+    not the CPU SDPA kernel) equals the formula within 2 % (it counts matmuls only, as the formula)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+
+    from tasks.causal_lm import preset_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(preset_config(name, VOCAB[PRESETS[name]["tokenizer"]]),
+                                             attn_implementation="eager")
+    x = torch.randint(0, 1000, (2, SEQ))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=x, labels=x).loss.backward()
+    measured = counter.get_total_flops() / x.numel()
+    formula = mfu.model_flops(model, SEQ)
+    assert formula.total == mfu.preset_flops(name, SEQ).total  # from the live model = from the preset
+    assert measured == pytest.approx(formula.total, rel=0.02)
+
+
+def test_lora_flops_formula_against_flop_counter():
+    """LoRA: 4N (frozen base: forward + backward through activations) + 6A + attention; torch counts
+    ~1 % less (the first block's frozen projections need no input gradient)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+
+    from tasks.causal_lm import preset_config
+    from tasks.lora import apply_lora
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(preset_config("llama-small", 32000), attn_implementation="eager")
+    model = apply_lora(base, "CAUSAL_LM", 8, 16, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                       "gate_proj", "up_proj", "down_proj"])
+    x = torch.randint(0, 1000, (2, SEQ))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=x, labels=x).loss.backward()
+    f = mfu.model_flops(model, SEQ)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert f.adapter_params == adapters > 0 and f.formula.startswith("4N")
+    assert f.total == 4 * f.matmul_params + 6 * adapters + f.attention
+    assert counter.get_total_flops() / x.numel() == pytest.approx(f.total, rel=0.02)
+
+
+def test_peak_is_cached_per_dtype_and_threads(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABS_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fake(dtype, threads, device):
+        calls.append((dtype, threads))
+        return {"flops": {"fp32": 1e11, "bf16": 5e11}[dtype] * threads, "size": 64}
+
+    first = mfu.peak("fp32", 1, measure=fake)
+    again = mfu.peak("fp32", 1, measure=fake)
+    assert calls == [("fp32", 1)]  # the second call read the cache
+    assert first.flops == again.flops == 1e11
+    assert "measured now" in first.source and "cached" in again.source
+    assert mfu.peak("bf16", 1, measure=fake).flops == 5e11
+    assert mfu.peak("fp32", 2, measure=fake).flops == 2e11
+    assert calls == [("fp32", 1), ("bf16", 1), ("fp32", 2)]
+    data = json.loads((tmp_path / "peak.json").read_text())
+    assert len(data) == 3 and all(k.startswith("cpu: ") for k in data)
+    assert any("| bf16 | 1 threads" in k for k in data)
+    mfu.peak("fp32", 1, refresh=True, measure=fake)  # --refresh measures again
+    assert calls[-1] == ("fp32", 1)
+
+
+def test_real_probe_and_labs_peak(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LABS_CACHE_DIR", str(tmp_path))
+    r = mfu.measure_matmul("fp32", 1, sizes=(256,), repeats=2)
+    assert r["size"] == 256 and 1e8 < r["flops"] < 1e14
+    monkeypatch.setattr(mfu, "measure_matmul", lambda d, t, dev: {"flops": 3e11, "size": 128})
+    assert mfu.main(["--dtype", "fp32", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "300.0 GFLOP/s" in out and str(tmp_path / "peak.json") in out
+
+
+def test_gpu_datasheet_peaks():
+    assert mfu.table_peak("cuda: NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert mfu.table_peak("cuda: NVIDIA H100 PCIe", "bf16") == 756e12
+    assert mfu.table_peak("cuda: NVIDIA H200", "bf16") == 989e12
+    assert mfu.table_peak("cuda: NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert mfu.table_peak("cuda: NVIDIA L40S", "bf16") == 362e12
+    assert mfu.table_peak("cuda: NVIDIA A100-SXM4-80GB", "fp32") is None  # measured instead
+    assert mfu.table_peak("cuda: Some Future GPU", "bf16") is None
+
+
+def test_meter_fields_and_summary_rows():
+    f = mfu.token_flops(1000, 2, 8, 16)  # 6000 + 12*2*8*16 = 9072
+    assert f.total == 9072
+    m = mfu.Meter(f, mfu.Peak(1e6, "fp32", 1, "cpu: test", "measured"), ranks=2)
+    fields = m.fields(tokens=100, seconds=2.0)
+    assert fields["flops_per_s"] == pytest.approx(9072 * 50)
+    assert fields["mfu"] == pytest.approx(9072 * 50 / 2e6)
+    s = m.summary(100, 2.0)
+    assert s["peak_flops"] == 2e6 and "2 ranks x" in s["peak"]
+    rows = dict(mfu.summary_rows(s))
+    assert rows["MFU"].startswith("22.7% of 2.0 MFLOP/s")  # the denominator beside the MFU
+
+
+@pytest.mark.distributed
+def test_mfu_in_one_process_dry_run(tmp_path):
+    import subprocess
+    proc = subprocess.run([sys.executable, "-m", "launcher.worker", "--job", "jobs/fine_tune_dry_run.yaml",
+                           "--set", f"train.output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert_ok(proc)
+    run_dir = next(p.parent for p in tmp_path.glob("*/*/summary.json"))
+    s = summary(run_dir)
+    assert 0 < s["mfu"] < 1 and s["flops_per_s"] > 0 and s["peak_flops"] > 0
+    assert s["flops_per_token"] == mfu.preset_flops("llama-tiny", 32).total
+    assert "fp32" in s["peak"] and s["flops_formula"] == "6N + 12*L*h*s"
+    rows = read_metrics(run_dir)
+    assert rows and all(0 < r["mfu"] < 1 and r["flops_per_s"] > 0 for r in rows)
+    assert "MFU" in proc.stdout and "FLOPs per token" in proc.stdout
+
+
+@pytest.mark.distributed
+def test_bf16_zero2_trains_on_two_gloo_ranks(tmp_path, ds_ops):
+    """ds_configs/zero2_bf16.json: bf16 weights and activations, gradients reduced in fp32
+    (`communication_data_type`); the comms logger shows 4 bytes per gradient element reduced."""
+    proc, run_dir = launch("jobs/fine_tune_dry_run.yaml", tmp_path, "--ds-config", "ds_configs/zero2_bf16.json",
+                           "--dry_run", "--max_steps", "2", "--set", "ds.comms_logger.enabled=true")
+    assert_ok(proc)
+    s = summary(run_dir)
+    assert s["steps"] == 2 and s["world"] == 2 and s["zero_stage"] == 2
+    assert math.isfinite(s["final_train_loss"]) and 9 < s["final_train_loss"] < 11
+    assert "bf16" in s["peak"] and "2 ranks" in s["peak"] and 0 < s["mfu"] < 1
+    cfg = json.loads((run_dir / "ds_config.json").read_text())
+    assert cfg["bf16"]["enabled"] is True and cfg["communication_data_type"] == "fp32"
+    comms = json.loads((run_dir / "comms_summary.json").read_text())["summary"]
+    # llama-tiny's 4.2M gradients fit one 5e6-element bucket: one all-reduce of 4 bytes per element
+    # (bf16 on the wire would be 2 bytes per element)
+    params = s["ranks"][0]["params_local"]
+    assert max(int(size) for size in comms["all_reduce"]) == 4 * params
+
+
+def test_bf16_configs_differ_from_fp32_only_in_precision():
+    for fp32 in ("zero0", "zero1", "zero2", "zero3", "pipeline", "tensor_parallel", "model_parallel"):
+        a = json.loads((REPO / "ds_configs" / f"{fp32}.json").read_text())
+        b = json.loads((REPO / "ds_configs" / f"{fp32}_bf16.json").read_text())
+        assert a["bf16"] == {"enabled": False} and b.pop("bf16") == {"enabled": True}
+        assert b.pop("communication_data_type") == "fp32"
+        a.pop("bf16")
+        assert a == b
+
+
+def test_compare_report_has_mfu(tmp_path):
+    from launcher.compare import write_report
+    r = {"strategy": "zero0@1", "world": 1, "dp": 1, "tp": 1, "pp": 1, "micro_batches": 4, "tokens_per_s": 1000.0,
+         "step_time_s": 0.5, "peak_rss_bytes": [2**30], "state_bytes": [2**28], "global_batch": 8,
+         "state_detail": [{"params": 1, "master": 0, "grads": 1, "optimizer": 2}], "formula_fp32_bytes": [2**28],
+         "formula_mixed_bytes": None, "final_loss": 6.0, "losses": [7.0, 6.0], "precision": "bf16",
+         "flops_per_s": 5e10, "mfu": 0.25, "peak": "200.0 GFLOP/s (bf16, 2 threads, measured)"}
+    write_report([r], Path(tmp_path), "jobs/compare.yaml", 2, "labs compare ...")
+    text = (tmp_path / "report.md").read_text()
+    assert "| 50.0 GFLOP/s | 25.0% |" in text and "200.0 GFLOP/s (bf16" in text
