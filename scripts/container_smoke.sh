@@ -10,7 +10,8 @@
 # Exit 0 when both ranks trained. Needs root and `WITH_CONTAINERS=1 scripts/install_cluster_deps.sh`.
 # First run ~3 min (debootstrap), later runs ~30 s. Undo: CONTAINERS_STORAGE_CONF=$CTR_DIR/storage.conf
 # podman rmi localhost/labs-smoke-base:bookworm-gxx; rm -rf $CTR_DIR
-# The project image itself (Dockerfile) is not built here: it needs download.pytorch.org.
+# The project image itself, pushed and pulled through a registry: scripts/build_image.sh --local and
+# tests/test_container.py::test_image_pushed_pulled_and_trained_on_two_fake_hosts (docs/containers.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -61,7 +62,8 @@ PATH=$VENV/bin:$PATH DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$EXT "$VENV/bin/pyt
 
 export CONTAINER_ENGINE=podman IMAGE=$BASE MASTER_IP=127.0.0.1 MASTER_PORT=${MASTER_PORT:-29561}
 export NUM_NODES=2 PROCS_PER_NODE=1 BATCH=4 EPOCHS=1 DEPLOY_DIR=$CTR_DIR/deploy RUNS_DIR=$CTR_DIR/runs
-export ENTRY=$REPO/tests/cluster/probe_train.py GPU_FLAGS=""
+# the base image is not pulled (it lives only here); root inside, as the mounted venv and EXT are root's
+export ENTRY=$REPO/tests/cluster/probe_train.py GPU_FLAGS="" PULL=0 RUN_AS=0:0
 # (an explicit --ulimit, like deploy_nodes.sh's nofile, drops default_ulimits: nproc must be given again)
 export RUN_ARGS="--ulimit nproc=4096:4096 -v $PYHOME:$PYHOME:ro -v $VENV:$VENV:ro -v $REPO:$REPO:ro -v $EXT:$EXT -w $REPO
  -e PATH=$VENV/bin:/usr/bin:/bin -e DS_ACCELERATOR=cpu -e TORCH_EXTENSIONS_DIR=$EXT -e OMP_NUM_THREADS=1"

@@ -10,9 +10,12 @@
 #           ENTRY (what deepspeed runs; default: --module launcher.worker --job JOB --set train.epochs=EPOCHS
 #                  --set ds.train_micro_batch_size_per_gpu=BATCH)
 #           CONTAINER_ENGINE (docker)  DEPLOY_DIR (where the hostfile is written)  RUNS_DIR (./runs, mounted
-#           at /app/runs; the image runs as uid 1000, which must be able to write there)  SHM_SIZE (2g)
+#           at /app/runs; RUN_AS must be able to write there)  SHM_SIZE (2g)
 #           GPU_FLAGS (--gpus all when nvidia-smi exists)  RUN_ARGS (more container flags, e.g. "-v /data:/data:ro")
-# --print        print the container command instead of running it
+#           PULL (1: `ENGINE pull IMAGE` first, so a pushed new build of the same tag is used; 0: don't)
+#           RUN_AS (uid:gid the ranks run as; default the invoking user, SUDO_UID:SUDO_GID under sudo,
+#                   so the run folder is theirs; as plain root the image's own user, labs 1000:1000)
+# --print        print the pull and container commands instead of running them
 # --print-inner  print only the deepspeed command the container runs (to run it without a container)
 # Exit 2 on a missing or invalid variable.
 #
@@ -101,15 +104,38 @@ for var in DS_ACCELERATOR OMP_NUM_THREADS HF_HOME HF_HUB_OFFLINE HF_TOKEN LABS_D
            WANDB_API_KEY WANDB_MODE WANDB_PROJECT WANDB_ENTITY NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME; do
   [ -n "${!var:-}" ] && pass_env+=(-e "$var")
 done
-cmd=("$ENGINE" run --rm --network host --ulimit nofile=20000:20000 --shm-size "${SHM_SIZE:-2g}"
-     "${gpu_flags[@]}" --name "llm-labs-node$NODE_RANK"
+# The ranks run as the invoking user (not root), so what they write under RUNS_DIR is theirs.
+if [ -z "${RUN_AS:-}" ]; then
+  RUN_AS="${SUDO_UID:-$(id -u)}:${SUDO_GID:-$(id -g)}"
+  [ "${RUN_AS%%:*}" != 0 ] || RUN_AS=1000:1000
+fi
+if ! [[ "$RUN_AS" =~ ^[0-9]+:[0-9]+$ ]]; then
+  echo "deploy_nodes.sh: RUN_AS must be uid:gid (numbers), got '$RUN_AS'" >&2
+  exit 2
+fi
+# host network and host name: ranks meet at MASTER_IP and report the node they run on
+cmd=("$ENGINE" run --rm --network host --uts host --ulimit nofile=20000:20000 --shm-size "${SHM_SIZE:-2g}"
+     "${gpu_flags[@]}" --name "llm-labs-node$NODE_RANK" --user "$RUN_AS" -e HOME=/tmp
      -e "NODE_RANK=$NODE_RANK" -e "MASTER_ADDR=$MASTER_IP" -e "MASTER_PORT=$MASTER_PORT" "${pass_env[@]}"
      -v "$hostfile:/deploy/hostfile:ro" -v "$RUNS_DIR:/app/runs" "${run_args[@]}"
      "$IMAGE" "${inner[@]}")
+pull=("$ENGINE" pull)
+# podman insists on TLS unless told otherwise; a registry on localhost is plain http
+if [ "$ENGINE" = podman ] && [[ "$IMAGE" == localhost[:/]* || "$IMAGE" == 127.0.0.1[:/]* ]]; then
+  pull+=(--tls-verify=false)
+fi
+pull+=("$IMAGE")
 
 if [ "$mode" = print ]; then
+  [ "${PULL:-1}" = 0 ] || { printf '%q ' "${pull[@]}"; echo; }
   printf '%q ' "${cmd[@]}"; echo
   exit 0
 fi
-mkdir -p "$RUNS_DIR"
+if [ ! -d "$RUNS_DIR" ]; then
+  mkdir -p "$RUNS_DIR"
+  [ "$(id -u)" != 0 ] || chown "$RUN_AS" "$RUNS_DIR"
+fi
+if [ "${PULL:-1}" != 0 ]; then
+  "${pull[@]}" >&2
+fi
 exec "${cmd[@]}"

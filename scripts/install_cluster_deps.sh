@@ -3,7 +3,8 @@
 #   fake hosts:  iproute2 (ip netns), util-linux (unshare/nsenter), openssh-server/-client, pdsh
 #   Slurm:       slurm-wlm, munge
 #   DeepSpeed:   numactl (--bind_cores_to_rank), openmpi-bin (--launcher openmpi; mpi4py from pip: make cluster-deps)
-# Optional, WITH_CONTAINERS=1: podman buildah runc fuse-overlayfs uidmap debootstrap (scripts/container_smoke.sh).
+# Optional, WITH_CONTAINERS=1: podman buildah runc fuse-overlayfs uidmap debootstrap (scripts/container_smoke.sh,
+#   scripts/build_image.sh) and docker-registry (the registry:2 distribution, for scripts/push_image.sh).
 # Idempotent (only missing packages are installed), quiet, run as root on Debian 12.
 # Services are never started by the install: sshd/munged/slurm* would otherwise listen on this machine;
 # the tests start their own private daemons.
@@ -11,7 +12,7 @@ set -euo pipefail
 
 PKGS=(iproute2 util-linux openssh-server openssh-client pdsh slurm-wlm munge numactl procps openmpi-bin)
 if [ "${WITH_CONTAINERS:-0}" = 1 ]; then
-  PKGS+=(podman buildah runc fuse-overlayfs uidmap debootstrap)
+  PKGS+=(podman buildah runc fuse-overlayfs uidmap debootstrap docker-registry)
 fi
 
 die() { echo "install_cluster_deps: $*" >&2; exit 1; }
