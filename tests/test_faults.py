@@ -99,8 +99,13 @@ def _stop_and_resume(tmp_path: Path, uninterrupted: list[float], *backend: str) 
     assert "LABS_DB_PASSWD=***" in output and "WANDB_ACCESS_CREDENTIALS=***" in output
     assert "hunter2-passwd" in (run_dir / "ds_env").read_text()  # the owner-only env file has it
 
-    proc = labs("launch", "--resume", str(run_dir), *backend)
+    original = (run_dir / "job.yaml").read_text(), (run_dir / "ds_config.json").read_text()
+    proc = labs("launch", "--resume", str(run_dir), *backend, "--set", "train.keep_checkpoints=1")  # an override
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert ((run_dir / "job.yaml").read_text(), (run_dir / "ds_config.json").read_text()) == original
+    (resumed_conf,) = list((run_dir / "resumes").glob("*/job.yaml"))
+    assert "keep_checkpoints: 1" in resumed_conf.read_text()
+    assert [m.step for m, _ in checkpoints.complete(run_dir / "checkpoints")] == [30]  # the override applied
     resumed = read_metrics(run_dir)
     assert [r["step"] for r in resumed] == list(range(1, 31))
     assert [r["loss"] for r in resumed] == uninterrupted  # bit-exact, before and after the stop

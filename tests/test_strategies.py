@@ -125,13 +125,13 @@ def test_plan_refuses_bad_layouts(tmp_path, ds_config, sets, slots, words):
 
 
 def test_plan_refuses_pipeline_for_a_model_without_layer_list(tmp_path):
-    model = tmp_path / "bert"
+    model = tmp_path / "opt"  # a causal LM that tasks/pipeline_layers.py cannot cut
     model.mkdir()
-    (model / "config.json").write_text('{"model_type": "bert", "num_hidden_layers": 2, "vocab_size": 100}')
+    (model / "config.json").write_text('{"model_type": "opt", "num_hidden_layers": 2, "vocab_size": 100}')
     (model / "model.safetensors").write_bytes(b"")
     proc = labs("plan", "jobs/fine_tune_pipeline.yaml", "--set", f"model.name={model}")
     assert proc.returncode == 2
-    assert "'bert' has no pipeline layer list" in proc.stderr and "pipeline.stages = 2" in proc.stderr
+    assert "'opt' has no pipeline layer list" in proc.stderr and "pipeline.stages = 2" in proc.stderr, proc.stderr
 
 
 def test_plan_accepts_pipeline_x_data_parallel(tmp_path):
