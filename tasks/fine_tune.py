@@ -70,6 +70,6 @@ def export(parts: TaskParts, state_dict: dict[str, torch.Tensor], out_dir: Path)
 
 
 if __name__ == "__main__":
-    from launcher.worker import main
+    from tasks import run_lab
 
-    main(default_task="fine_tune")
+    run_lab("fine_tune")

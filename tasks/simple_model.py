@@ -44,10 +44,6 @@ def export(parts: TaskParts, state_dict: dict[str, torch.Tensor], out_dir: Path)
 
 
 if __name__ == "__main__":
-    import sys
+    from tasks import run_lab
 
-    from launcher.worker import main
-
-    # without --job, the job defaults are fine_tune's: start from this lab's model instead
-    defaults = [] if "--job" in sys.argv else ["--set", "model.name=bert-tiny"]
-    main(defaults + sys.argv[1:], default_task="simple_model")
+    run_lab("simple_model")

@@ -15,6 +15,7 @@ import csv
 import gzip
 import io
 import json
+import logging
 import os
 import zlib
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from tasks.options import CAUSAL_LM_TASKS, CLASSIFIER_TASKS, OPTIONS
 if TYPE_CHECKING:
     import datasets
 
+log = logging.getLogger("labs")
 SAMPLES = Path(__file__).parent / "samples"
 # Where each hub dataset lives inside a data folder laid out like ../shared/data.
 LOCAL_LAYOUT: dict[str, dict[str, list[str]]] = {
@@ -38,6 +40,16 @@ LOCAL_LAYOUT: dict[str, dict[str, list[str]]] = {
     "ag_news": {"train": ["ag_news/jointmatch/dev.csv"], "validation": ["ag_news/original/test.csv"]},
     "imdb": {"train": ["imdb/train.csv.gz"], "validation": ["imdb/test.csv.gz"]},
 }
+# The same layout in words, for the messages that ask for a data folder.
+LOCAL_LAYOUT_HELP = {
+    "wikitext": "wikitext2/tokens/wiki.valid.tokens (training text, one paragraph a line) and "
+                "wikitext2/tokens/wiki.test.tokens (evaluation text)",
+    "ag_news": "ag_news/jointmatch/dev.csv (training: CSV with the header label,content; labels 1-4) and "
+               "ag_news/original/test.csv (evaluation: CSV without a header, class,title,description)",
+    "imdb": "imdb/train.csv.gz and imdb/test.csv.gz (gzipped CSV with the header id,rating,label,text; "
+            "label 0 = negative, 1 = positive)",
+}
+LABELLED_DATASETS = ("ag_news", "imdb")  # the layout's datasets with a label column
 # How a local file's columns map onto the hub dataset's (`text`, `label` from 0): the same options a
 # job gives for its own files (data.column_names, text_columns, label_column, label_offset).
 # AG News: the 8,000-row train subset has only the description, so the test split uses it alone too.
@@ -133,16 +145,41 @@ def map_columns(ds: datasets.Dataset, text_columns: list[str], label_column: str
     return datasets.Dataset.from_dict({out_text: texts, out_label: labels})
 
 
+def _layout_fix(dataset: str) -> str:
+    """How to give this dataset offline: the data folder it expects, or other files, or the sample."""
+    where = (f"--data_dir DIR (or LABS_DATA_DIR=DIR) with {LOCAL_LAYOUT_HELP[dataset]} inside, laid out like "
+             f"shared/data" if dataset in LOCAL_LAYOUT_HELP else "--data_dir DIR (laid out like shared/data)")
+    return (f"give {where}; or your own files with --set data.train_files=[train.txt] data.eval_files=[eval.txt]; "
+            f"or --dry_run (--set data.dataset=sample) for the built-in sample")
+
+
+def check_dataset_fits_task(job: Job) -> None:
+    """A classification lab refuses a dataset without labels (the job defaults' wikitext) before it loads
+    it, naming its own dataset; local files and the sample are checked column by column instead."""
+    d = job.data
+    if job.task not in CLASSIFIER_TASKS or d.train_files or d.dataset == "sample" or d.dataset not in LOCAL_LAYOUT:
+        return
+    if d.dataset not in LABELLED_DATASETS:
+        from tasks import LAB_DATASETS
+        own, config = LAB_DATASETS[job.task]
+        raise LabsError(f"{job.path}: task {job.task!r} classifies labelled text, and data.dataset = {d.dataset!r} "
+                        f"is plain text without a label column; use this lab's dataset: --set data.dataset={own} "
+                        f"data.dataset_config={config or 'null'} (offline: --data_dir DIR with "
+                        f"{LOCAL_LAYOUT_HELP[own]}), or labelled files with data.train_files")
+
+
 def load_splits(job: Job) -> datasets.DatasetDict:
     """Train and validation splits as a DatasetDict (columns as in the source files)."""
     import datasets
     d = job.data
+    check_dataset_fits_task(job)
     if d.train_files:
         return _load_files(d.train_files, d.eval_files, d.column_names or None)
     if d.dataset == "sample":
         name = SAMPLE_FILES.get(job.task)
         if not name:
             raise LabsError(f"{job.path}: task {job.task!r} has no built-in sample; set data.train_files")
+        log.info("data: the built-in sample %s", SAMPLES / name)
         if name.endswith(".csv"):  # labelled sample: a quarter held out for evaluation
             rows = datasets.load_dataset("csv", data_files=str(SAMPLES / name))["train"]
             split = rows.train_test_split(test_size=0.25, seed=0)
@@ -153,29 +190,12 @@ def load_splits(job: Job) -> datasets.DatasetDict:
             train=datasets.Dataset.from_dict({d.text_column: lines[:cut]}),
             validation=datasets.Dataset.from_dict({d.text_column: lines[cut:]}))
     if d.data_dir and d.dataset in LOCAL_LAYOUT:
-        layout = LOCAL_LAYOUT[d.dataset]
-        root = Path(d.data_dir).expanduser()
-        paths = {k: [str(root / f) for f in v] for k, v in layout.items()}
-        missing = [p for v in paths.values() for p in v if not Path(p).is_file()]
-        if missing:
-            raise LabsError(f"data_dir {d.data_dir!r} has no {missing[0]!r} for dataset {d.dataset!r}; "
-                            f"set data.train_files/eval_files or fix --data_dir")
-        if not any(f in LOCAL_COLUMNS for v in layout.values() for f in v):
-            return _load_files(paths["train"], paths["validation"])
-        out = {}
-        for split, files in layout.items():  # files of one split share a layout
-            spec = LOCAL_COLUMNS.get(files[0], {})
-            raw = _load_one(paths[split], spec.get("column_names"))
-            out[split] = map_columns(raw, spec.get("text_columns") or [d.text_column],
-                                     spec.get("label_column", d.label_column), spec.get("label_offset", 0),
-                                     ", ".join(paths[split]), out_text=d.text_column, out_label=d.label_column)
-        return datasets.DatasetDict(out)
+        return _load_data_dir(job)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-    fix = ("give local files with --data_dir DIR (laid out like shared/data) or "
-           "--set data.train_files=[train.txt] data.eval_files=[eval.txt], or --set data.dataset=sample")
+    fix = _layout_fix(d.dataset)
     if offline:
-        raise LabsError(f"{job.path}: data.dataset = {d.dataset!r} is a hub dataset and this machine is "
-                        f"offline (HF_HUB_OFFLINE=1); {fix}")
+        raise LabsError(f"{job.path}: data.dataset = {d.dataset!r} is a hub dataset, this machine is offline "
+                        f"(HF_HUB_OFFLINE=1) and no data folder is given; {fix}")
     try:
         ds = datasets.load_dataset(d.dataset, d.dataset_config)
     except Exception as e:  # network, missing dataset: all mean "use local files"
@@ -183,6 +203,42 @@ def load_splits(job: Job) -> datasets.DatasetDict:
                         f"({type(e).__name__}: {str(e)[:200]}); {fix}") from None
     if "validation" not in ds:
         ds["validation"] = ds.get("test") or ds["train"].train_test_split(test_size=0.1, seed=0)["test"]
+    log.info("data: hub dataset %s (%s), splits %s", d.dataset, d.dataset_config, ", ".join(ds))
+    return ds
+
+
+def _layout_paths(job: Job) -> dict[str, list[str]]:
+    """The data folder's files of the job's dataset, by split; a LabsError names a missing one and the layout."""
+    d = job.data
+    root = Path(d.data_dir).expanduser()
+    paths = {k: [str(root / f) for f in v] for k, v in LOCAL_LAYOUT[d.dataset].items()}
+    missing = [p for v in paths.values() for p in v if not is_file(p)]
+    if missing:
+        raise LabsError(f"data_dir {d.data_dir!r} has no {missing[0]!r} for dataset {d.dataset!r}; it expects "
+                        f"{LOCAL_LAYOUT_HELP[d.dataset]} (laid out like shared/data); fix --data_dir / "
+                        f"LABS_DATA_DIR or set data.train_files/eval_files")
+    return paths
+
+
+def _load_data_dir(job: Job) -> datasets.DatasetDict:
+    """The dataset from a folder laid out like shared/data, its columns mapped onto the hub's."""
+    import datasets
+    d = job.data
+    layout, paths = LOCAL_LAYOUT[d.dataset], _layout_paths(job)
+    if not any(f in LOCAL_COLUMNS for v in layout.values() for f in v):
+        ds = _load_files(paths["train"], paths["validation"])
+    else:
+        out = {}
+        for split, files in layout.items():  # files of one split share a layout
+            spec = LOCAL_COLUMNS.get(files[0], {})
+            raw = _load_one(paths[split], spec.get("column_names"))
+            out[split] = map_columns(raw, spec.get("text_columns") or [d.text_column],
+                                     spec.get("label_column", d.label_column), spec.get("label_offset", 0),
+                                     ", ".join(paths[split]), out_text=d.text_column, out_label=d.label_column)
+        ds = datasets.DatasetDict(out)
+    log.info("data: %s from %s: train %s rows (%s), eval %s rows (%s)", d.dataset, d.data_dir,
+             f"{len(ds['train']):,}", ", ".join(layout["train"]), f"{len(ds['validation']):,}",
+             ", ".join(layout["validation"]))
     return ds
 
 
@@ -218,6 +274,7 @@ def check_data_files(job: Job) -> None:
     built-in sample are not looked at. Raises LabsError naming the file, line, column and value."""
     if job.task not in CAUSAL_LM_TASKS + CLASSIFIER_TASKS:
         return
+    check_dataset_fits_task(job)
     for files, cols, eval_given in _local_files(job):
         _builder(files)
         counts = [_check_file(f, cols) for f in files]
@@ -247,14 +304,10 @@ def _local_files(job: Job) -> list[tuple[list[str], _Columns, bool]]:
         return [([str(SAMPLES / name)], cols, True)] if name.endswith(".csv") else []
     if not d.data_dir or d.dataset not in LOCAL_LAYOUT:
         return []
-    root = Path(d.data_dir).expanduser()
     out = []
-    for files in LOCAL_LAYOUT[d.dataset].values():
-        paths = [str(root / f) for f in files]
-        missing = [p for p in paths if not is_file(p)]
-        if missing:
-            raise LabsError(f"data_dir {d.data_dir!r} has no {missing[0]!r} for dataset {d.dataset!r}; "
-                            f"set data.train_files/eval_files or fix --data_dir")
+    by_split = _layout_paths(job)
+    for split, files in LOCAL_LAYOUT[d.dataset].items():
+        paths = by_split[split]
         spec = LOCAL_COLUMNS.get(files[0])
         if spec and cols.label is not None:  # mapped once by the layout, then by the job (offsets add up)
             cols = _Columns(spec.get("column_names"), spec.get("text_columns") or [d.text_column],

@@ -1,4 +1,4 @@
-"""The four labs on top of the foundation: simple_model, transfer, tinyllama (LoRA), rag.
+"""Three labs on top of the foundation: simple_model, transfer, tinyllama (LoRA); rag is in test_rag.py.
 
 Metrics and bad input are checked with plain function calls; each lab's dry run once under 2
 real DeepSpeed ranks (one of them under torchrun). Real data (../shared/data) only where present.
@@ -142,73 +142,6 @@ def test_lora_adapter_round_trip_gives_the_same_logits(tmp_path):
         assert torch.allclose(loaded(**batch).logits, want, atol=1e-5)
         assert torch.allclose(merged(**batch).logits, want, atol=1e-4)
     assert "lora_" not in "".join(dict(merged.named_parameters()))
-
-
-# ---------------------------------------------------------------- RAG
-
-
-@pytest.fixture(scope="module")
-def rag_store(tmp_path_factory):
-    from tasks.rag import Embedder, build_store
-    emb = Embedder()
-    return emb, build_store([], emb, "flat", tmp_path_factory.mktemp("rag") / "index", log=lambda *_: None)
-
-
-def test_rag_retrieves_the_right_passage(rag_store):
-    from tasks.rag import answer
-    emb, store = rag_store
-    for question, gold in (("What is deep learning?", "deep-learning"),
-                           ("Which ZeRO stage shards the parameters?", "zero"),
-                           ("What does LoRA freeze?", "lora"),
-                           ("Which communication library runs collectives on CPUs?", "gloo")):
-        r = answer(store, emb, question, k=3)
-        assert r["sources"][0]["id"] == gold, (question, r["sources"][0])
-        assert r["extractive_source"] == gold
-
-
-def test_rag_eval_metrics_and_index_kinds(rag_store, tmp_path):
-    from tasks.rag import BUILTIN_QUESTIONS, build_store, evaluate, load_questions
-    emb, store = rag_store
-    qs = load_questions(str(BUILTIN_QUESTIONS))
-    m = evaluate(store, emb, qs, k=5)
-    assert m["hit@1"] == 1.0 and m["hit@5"] == 1.0 and m["extractive_contains_gold"] >= 0.9
-    hnsw = build_store([], emb, "hnsw", tmp_path / "hnsw", log=lambda *_: None)
-    assert evaluate(hnsw, emb, qs, k=5)["hit@5"] == 1.0
-    # a question whose gold passage is absent counts as a miss
-    from tasks.rag import Question
-    m = evaluate(store, emb, [qs[0], Question("What is deep learning?", ["x"], "tokenizer")], k=1)
-    assert m["hit@1"] == 0.5 and m["extractive_contains_gold"] == 0.5
-
-
-def test_rag_cli_and_bad_input(tmp_path, capsys):
-    from tasks.rag import main
-    docs = tmp_path / "docs.jsonl"
-    docs.write_text("\n".join(json.dumps({"id": f"p{i}", "text": t}) for i, t in enumerate(
-        ["Cats purr when they are content.", "Rust is a systems programming language.",
-         "The Nile is a river in Africa."])))
-    index = tmp_path / "index"
-    assert main(["--docs", str(docs), "--index_dir", str(index), "--build_only"]) == 0
-    assert (index / "index.faiss").is_file()
-    assert main(["--index_dir", str(index), "--query", "Which river flows in Africa?", "-k", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "The Nile is a river in Africa." in out and "[1] p2" in out
-    empty = tmp_path / "q.jsonl"
-    empty.write_text("\n")
-    with pytest.raises(LabsError, match="no questions"):
-        main(["--index_dir", str(index), "--eval", str(empty)])
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"title": "x"}\n')
-    with pytest.raises(LabsError, match=r"bad.jsonl.*'text' field"):
-        main(["--docs", str(bad), "--index_dir", str(tmp_path / "i2")])
-    with pytest.raises(LabsError, match="no built index"):
-        main(["--index_dir", str(tmp_path / "nothing"), "--query", "x"])
-
-
-@pytest.mark.skipif(not (SHARED_DATA / "squad_v2").is_dir(), reason="../shared/data/squad_v2 not present")
-def test_squad_questions_load():
-    from tasks.rag import _squad
-    passages, questions = _squad(SHARED_DATA / "squad_v2" / "dev-v2.0.json")
-    assert len(passages) == 646 and len(questions) == 2910
 
 
 # ---------------------------------------------------------------- 2-rank dry runs
