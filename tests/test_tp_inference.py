@@ -1,4 +1,4 @@
-"""Tensor-parallel generation (tasks/rag.py, `deepspeed.init_inference` with AutoTP): on 2 ranks each
+"""Tensor-parallel generation (tasks/rag/generation.py and tensor_parallel.py, `deepspeed.init_inference` with AutoTP): on 2 ranks each
 rank holds half of every attention and MLP matrix and of the head, and greedy decoding yields the same
 token ids as the plain model on one process (fp32, the same preset weights from the same seed).
 """
