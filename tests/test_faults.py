@@ -204,7 +204,7 @@ def test_two_launches_in_one_second_get_two_folders(tmp_path):
 def test_secret_names_are_masked_in_the_plan(tmp_path):
     env = {"LABS_DB_PASSWD": "pw-123", "WANDB_ACCESS_CREDENTIALS": "cr-456", "HF_TOKEN": "tk-789",
            "LABS_NOTE": "plain-value"}
-    proc = labs("plan", JOB, "--set", f"train.output_dir={tmp_path}", env=env)
+    proc = labs("plan", JOB, "-v", "--set", f"train.output_dir={tmp_path}", env=env)  # -v: the whole environment
     assert proc.returncode == 0, proc.stderr
     for k, v in env.items():
         assert (f"{k}=***" in proc.stdout) == (k != "LABS_NOTE") and (v in proc.stdout) == (k == "LABS_NOTE")
