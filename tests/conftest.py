@@ -69,3 +69,18 @@ def summary(run_dir: Path) -> dict:
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+
+
+def wait_for_steps(proc: subprocess.Popen, out: Path, n: int, timeout: float = 240) -> Path:
+    """Wait until the newest run under `out` has logged n training steps (the job still running);
+    returns its run folder. Fails the test if the job ends first or takes longer than `timeout`."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        dirs = run_dirs(out)
+        if dirs and (dirs[-1] / "metrics.jsonl").exists() and len(read_metrics(dirs[-1])) >= n:
+            return dirs[-1]
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"fewer than {n} steps within {timeout} s")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `cluster` package, w
 from cluster import REPO, VENV_BIN, prepare_comm_op  # noqa: E402
 from cluster.fakehosts import FakeCluster, cluster_unavailable_reason  # noqa: E402
 from cluster.slurm import SingleNodeSlurm, slurm_unavailable_reason  # noqa: E402
-from conftest import read_metrics, run_dirs, summary  # noqa: E402
+from conftest import read_metrics, run_dirs, summary, wait_for_steps  # noqa: E402
 
 JOB = "jobs/fine_tune_dry_run.yaml"  # tiny Llama, built-in text, ds_configs/cpu_dry_run.json
 STEPS = ("--max_steps", "4", "--set", "train.export=false")
@@ -274,17 +274,6 @@ def long_reference(rank_env: dict, tmp_path_factory) -> list[float]:
     return _long_reference
 
 
-def _wait_steps(proc, out: Path, n: int, timeout: float = 240) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        dirs = run_dirs(out)
-        if dirs and (dirs[-1] / "metrics.jsonl").exists() and len(read_metrics(dirs[-1])) >= n:
-            return dirs[-1]
-        time.sleep(0.3)
-    pytest.fail(f"fewer than {n} steps within {timeout} s")
-
-
 @pytest.mark.cluster
 def test_sigterm_over_ssh_saves_on_every_host_and_resumes(rank_env, two_hosts, tmp_path, tmp_path_factory):
     """SIGTERM to `labs launch` on node1: the ranks on node1 and node2 (started by pdsh, never signalled)
@@ -296,7 +285,7 @@ def test_sigterm_over_ssh_saves_on_every_host_and_resumes(rank_env, two_hosts, t
     proc = two_hosts.popen("node1", labs_cmd("launch", JOB, "--hostfile", str(hostfile), "--set",
                                              f"train.output_dir={out}", *LONG), env=rank_env, cwd=REPO)
     try:
-        run_dir = _wait_steps(proc, out, 2)
+        run_dir = wait_for_steps(proc, out, 2)
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=150)
     finally:
@@ -329,7 +318,7 @@ def test_slurm_sigterm_to_the_batch_shell_saves_and_resumes(rank_env, tmp_path, 
                                          "--set", f"train.output_dir={out}", *LONG), cwd=REPO, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            run_dir = _wait_steps(proc, out, 2)
+            run_dir = wait_for_steps(proc, out, 2)
             job_id = (run_dir / "slurm_job_id").read_text().strip()
             subprocess.run(["scancel", "--batch", "--signal=TERM", job_id], env=env, check=True, timeout=30)
             output, _ = proc.communicate(timeout=180)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, labs, read_metrics, run_dirs
+from conftest import REPO, labs, read_metrics, run_dirs, wait_for_steps
 
 from launcher import checkpoints
 from launcher.errors import LabsError
@@ -33,18 +33,6 @@ def _popen_launch(out: Path, *args: str, env: dict | None = None) -> subprocess.
     return subprocess.Popen([sys.executable, "-m", "launcher.cli", "launch", JOB, "--set",
                              f"train.output_dir={out}", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=os.environ | (env or {}))
-
-
-def _wait_for_steps(proc: subprocess.Popen, out: Path, n: int, timeout: float = 240) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        dirs = run_dirs(out)
-        if dirs and (dirs[-1] / "metrics.jsonl").exists() and len(read_metrics(dirs[-1])) >= n:
-            return dirs[-1]
-        time.sleep(0.2)
-    proc.kill()
-    pytest.fail(f"fewer than {n} steps within {timeout} s")
 
 
 def _processes_of(run_dir: Path) -> list[int]:
@@ -77,7 +65,7 @@ def _stop_and_resume(tmp_path: Path, uninterrupted: list[float], *backend: str) 
     out = tmp_path / "runs"
     secret = {"LABS_DB_PASSWD": "hunter2-passwd", "WANDB_ACCESS_CREDENTIALS": "cred-xyz-123"}
     proc = _popen_launch(out, *LONG, *backend, env=secret)
-    run_dir = _wait_for_steps(proc, out, 2)
+    run_dir = wait_for_steps(proc, out, 2)
     proc.send_signal(signal.SIGTERM)
     try:
         output, _ = proc.communicate(timeout=150)
@@ -131,7 +119,7 @@ def test_sigterm_torchrun_saves_stops_and_resumes_bit_exact(uninterrupted, tmp_p
 def test_killed_rank_is_named_with_its_log(ds_ops, tmp_path):
     out = tmp_path / "runs"
     proc = _popen_launch(out, "--epochs", "1000", "--max_steps", "100000", "--set", "train.export=false")
-    run_dir = _wait_for_steps(proc, out, 2)
+    run_dir = wait_for_steps(proc, out, 2)
     (victim,) = [pid for pid in _processes_of(run_dir)
                  if b"--local_rank=1" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     os.kill(victim, signal.SIGKILL)
