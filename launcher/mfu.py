@@ -262,8 +262,10 @@ def _write_cache(key: str, entry: dict[str, Any]) -> None:
 
 
 def peak(dtype: str = "fp32", threads: int | None = None, device: str = "cpu", refresh: bool = False,
-         measure=None) -> Peak:
-    """The peak FLOP/s of one rank: datasheet for known GPUs, else measured once and cached."""
+         measure=None, replace: bool = False) -> Peak:
+    """The peak FLOP/s of one rank: datasheet for known GPUs, else measured once and cached. `refresh`
+    measures again and keeps the higher of the new and the cached figure (a peak is what the machine
+    can do; a moment when other processes share the cores measures less); with `replace`, the new one."""
     import torch
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
@@ -274,12 +276,16 @@ def peak(dtype: str = "fp32", threads: int | None = None, device: str = "cpu", r
         if (flops := table_peak(name, dtype)) is not None:
             return Peak(flops, dtype, threads, name, "datasheet, dense")
     key = _key(name, dtype, threads)
-    entry = None if refresh else read_cache().get(key)
-    if entry is None:
+    cached = read_cache().get(key)
+    if cached is None or refresh:
         entry = dict((measure or measure_matmul)(dtype, threads, device))
         entry.update(when=dt.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__)
+        if cached is not None and not replace and cached["flops"] >= entry["flops"]:
+            return Peak(cached["flops"], dtype, threads, name, f"measured {cached['when'][:10]}, {cached['size']}^2 "
+                        f"matmul, cached (now {fmt_flops(entry['flops'])})")
         _write_cache(key, entry)
         return Peak(entry["flops"], dtype, threads, name, f"measured now, {entry['size']}^2 matmul")
+    entry = cached
     return Peak(entry["flops"], dtype, threads, name, f"measured {entry['when'][:10]}, {entry['size']}^2 matmul, cached")
 
 
@@ -363,14 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", nargs="+", choices=DTYPES, help="default: fp32 and bf16")
     p.add_argument("--threads", nargs="+", type=int, help="default: 1 and every core this process may use")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--refresh", action="store_true", help="measure again and replace the cached figures")
+    p.add_argument("--refresh", action="store_true", help="measure again; keep the higher of the new and the cached")
+    p.add_argument("--replace", action="store_true", help="with --refresh: keep the new figure even if lower")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = args.threads or sorted({1, cores})
     print(f"cache: {cache_file()}")
     for dtype in args.dtype or ["fp32", "bf16"]:
         for t in threads:
-            pk = peak(dtype, t, args.device, refresh=args.refresh)
+            pk = peak(dtype, t, args.device, refresh=args.refresh or args.replace, replace=args.replace)
             print(f"  {dtype:<5} {t:>3} thread{'s' if t != 1 else ' '}  {fmt_flops(pk.flops):>14}  {pk.source}")
     print(f"device: {device_name(args.device)}; torch {torch.__version__}")
     return 0

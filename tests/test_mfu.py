@@ -98,8 +98,11 @@ def test_peak_is_cached_per_dtype_and_threads(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "peak.json").read_text())
     assert len(data) == 3 and all(k.startswith("cpu: ") for k in data)
     assert any("| bf16 | 1 threads" in k for k in data)
-    mfu.peak("fp32", 1, refresh=True, measure=fake)  # --refresh measures again
-    assert calls[-1] == ("fp32", 1)
+    # --refresh measures again and keeps the higher figure; --replace keeps the new one
+    slower = lambda d, t, dev: (calls.append((d, t)), {"flops": 5e10, "size": 64})[1]  # noqa: E731
+    assert mfu.peak("fp32", 1, refresh=True, measure=slower).flops == 1e11 and calls[-1] == ("fp32", 1)
+    assert mfu.peak("fp32", 1, refresh=True, replace=True, measure=slower).flops == 5e10
+    assert mfu.peak("fp32", 1, measure=fake).flops == 5e10
 
 
 def test_real_probe_and_labs_peak(tmp_path, monkeypatch, capsys):
@@ -192,3 +195,29 @@ def test_compare_report_has_mfu(tmp_path):
     write_report([r], Path(tmp_path), "jobs/compare.yaml", 2, "labs compare ...")
     text = (tmp_path / "report.md").read_text()
     assert "| 50.0 GFLOP/s | 25.0% |" in text and "200.0 GFLOP/s (bf16" in text
+
+
+def test_bench_harness_tables_and_breakdown_parser():
+    """bench/harness.py: DeepSpeed's wall_clock_breakdown lines parsed; medians, min-max and per-round
+    ratios against the baseline; the MFU from the preset's FLOPs and the peak of the arm's threads."""
+    sys.path.insert(0, str(REPO))
+    from bench import harness
+
+    line = "[Rank 0] time (ms) | fwd: 362.24 | bwd: 811.15 | bwd_inner: 630.02 | bwd_allreduce: 181.06 | step: 646.20"
+    assert [float(x) for x in harness.BREAKDOWN.search(line).groups()] == [362.24, 811.15, 630.02, 181.06, 646.2]
+    w = harness.Workload(seq=64, global_batch=8)
+    arms = [harness.Arm("base", "torch", 2, 1, 2), harness.Arm("fast", "labs", 1, 2, 8)]
+    runs = [{"arm": a, "repeat": r, "tokens_per_s": t, "step_s": 1.0, "wall_s": 20.0, "losses": [7.0],
+             "others_load": 0.1, "exit": 0}
+            for a, r, t in [("base", 0, 100.0), ("fast", 0, 200.0), ("base", 1, 50.0), ("fast", 1, 150.0),
+                            ("base", 2, 100.0), ("fast", 2, 100.0)]]
+    peak = mfu.Peak(1e11, "fp32", 1, "cpu: test", "measured")
+    rows = harness.summarize(arms, w, runs, {("fp32", 1): peak, ("fp32", 2): peak}, "base")
+    fast = rows[1]
+    assert (fast["tokens_per_s"], fast["tokens_per_s_min"], fast["tokens_per_s_max"]) == (150.0, 100.0, 200.0)
+    assert fast["ratio"] == 2.0 and (fast["ratio_min"], fast["ratio_max"]) == (1.0, 3.0)  # 200/100, 150/50, 100/100
+    assert fast["best_ratio"] == 2.0 and fast["accum"] == 1 and rows[0]["accum"] == 2
+    assert fast["mfu"] == pytest.approx(150 * mfu.preset_flops("llama-small", 64).total / 1e11)
+    assert rows[0]["mfu"] == pytest.approx(100 * mfu.preset_flops("llama-small", 64).total / 2e11)  # 2 ranks
+    md = harness.table(rows, "base")
+    assert "| fast | 1 x 2 | fp32 | 8 x 1 x 1 | default | 150 (100-200) | 2.00x (1.00-3.00) |" in md

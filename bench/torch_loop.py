@@ -1,0 +1,172 @@
+"""The plain PyTorch baseline: the same job's model and data (built by the project's task code, same
+seed), trained by a hand-written loop; DistributedDataParallel over gloo when started by torchrun.
+
+    .venv/bin/python bench/torch_loop.py --job jobs/compare.yaml --steps 10 --micro 8 --accum 1 --threads 2
+    torchrun --nproc_per_node 2 bench/torch_loop.py --job jobs/compare.yaml --steps 10 --micro 2 --accum 2 \\
+        --threads 1 --out_json r.json --set data.block_size=64
+
+Per optimizer step: `accum` micro-batches (no_sync on all but the last under DDP), gradient clipping
+at 1.0, AdamW (lr 3e-3, betas 0.9/0.95, eps 1e-8, weight decay 0.01, as ds_configs/*.json), a linear
+warm-up of 5 steps, and the loss averaged over the ranks (as the labs worker logs it). bf16: autocast
+(the model and the optimizer stay fp32), PyTorch's own mixed-precision idiom. With several ranks and
+at least as many cores, each rank is pinned to one core (as DeepSpeed's --bind_cores_to_rank does).
+--device cuda: one GPU per rank (LOCAL_RANK), nccl, autocast on the GPU, timers synchronised.
+Rank 0 writes the step times, losses and a per-step breakdown to --out_json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def build_parts(job_path: str, sets: list[str]):
+    """The job's model and data exactly as a labs rank builds them (same seed, same blocks)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from launcher.job import _build, load_job
+    from tasks import get_task
+    from tasks.options import OPTIONS
+    job = load_job(job_path, sets)
+    options = _build(OPTIONS[job.task], job.options, job.path, "options.")
+    random.seed(job.train.seed)
+    np.random.seed(job.train.seed)
+    torch.manual_seed(job.train.seed)
+    return job, get_task(job.task).build(job, options, dry_run=False)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--job", default="jobs/compare.yaml")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--micro", type=int, default=2)
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (default: cores / ranks)")
+    p.add_argument("--optimizer", default="default", choices=["default", "foreach", "fused"])
+    p.add_argument("--ds_config", help="(HF Trainer script only)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per rank, nccl")
+    p.add_argument("--out_json")
+    p.add_argument("--set", dest="sets", nargs="*", default=[])
+    return p.parse_args(argv)
+
+
+def pin(local_rank: int, local_world: int) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    if local_world > 1 and len(cores) >= local_world:
+        per = len(cores) // local_world
+        os.sched_setaffinity(0, cores[local_rank * per:(local_rank + 1) * per])
+
+
+def main() -> int:
+    a = parse()
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    pin(int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(a.threads or max(len(os.sched_getaffinity(0)), 1))
+    cuda = a.device == "cuda"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    job, parts = build_parts(a.job, a.sets)
+    model = parts.model.to(device)
+    model.train()
+    ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+           if world > 1 else model)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)  # GPU timers wait for the kernels
+    flags = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(a.optimizer, {})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, betas=(0.9, 0.95),
+                            eps=1e-8, weight_decay=0.01, **flags)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
+    sampler = torch.utils.data.DistributedSampler(parts.train_data, num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=job.train.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(parts.train_data, batch_size=a.micro, sampler=sampler,
+                                         collate_fn=parts.collate, drop_last=True)
+    batches = iter(loader)
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if a.precision == "bf16"
+                else contextlib.nullcontext)
+    step_times, losses, parts_ms = [], [], []
+    for _ in range(a.steps):
+        micro = []
+        for _ in range(a.accum):
+            try:
+                micro.append(next(batches))
+            except StopIteration:
+                sampler.set_epoch(sampler.epoch + 1)
+                batches = iter(loader)
+                micro.append(next(batches))
+        micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
+        sync()
+        t0 = time.perf_counter()
+        fwd = bwd = bwd_sync = 0.0
+        step_loss = torch.zeros((), device=device)
+        for i, b in enumerate(micro):
+            last = i == len(micro) - 1
+            no_sync = contextlib.nullcontext() if (last or world == 1) else ddp.no_sync()
+            with no_sync:
+                t = time.perf_counter()
+                with autocast():
+                    loss = ddp(**b).loss / a.accum
+                sync()
+                t2 = time.perf_counter()
+                loss.backward()
+                sync()
+                t3 = time.perf_counter()
+            fwd += t2 - t
+            if last and world > 1:
+                bwd_sync = t3 - t2  # includes DDP's gradient all-reduce (overlapped with this backward)
+            else:
+                bwd += t3 - t2
+            step_loss += loss.detach().float()
+        t = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        t_opt = time.perf_counter() - t
+        if world > 1:
+            dist.all_reduce(step_loss)
+            step_loss /= world
+        sync()
+        step_times.append(time.perf_counter() - t0)
+        losses.append(float(step_loss))
+        # all-reduce: the synchronised backward less the mean of the others (needs accum >= 2)
+        n_plain = len(micro) - (1 if world > 1 else 0)
+        mean_bwd = bwd / n_plain if n_plain else bwd_sync
+        parts_ms.append({"forward": 1000 * fwd, "backward": 1000 * (bwd + bwd_sync),
+                         "backward_compute": 1000 * (bwd + (mean_bwd if world > 1 else 0.0)),
+                         "allreduce": 1000 * max(bwd_sync - mean_bwd, 0.0) if world > 1 and n_plain else 0.0,
+                         "optimizer": 1000 * t_opt})
+    if rank == 0 and a.out_json:
+        from launcher.mfu import model_flops
+        seq = int(micro[0]["input_ids"].shape[-1])
+        keep = parts_ms[2:] or parts_ms
+        Path(a.out_json).write_text(json.dumps({
+            "step_times": step_times, "losses": losses, "tokens_per_step": a.micro * a.accum * world * seq,
+            "flops_per_token": model_flops(model, seq).total, "threads": torch.get_num_threads(), "world": world,
+            "breakdown_ms": {k: statistics.median(p[k] for p in keep) for k in keep[0]}}, indent=1) + "\n")
+    print(f"rank {rank}: {a.steps} steps, loss {losses[-1]:.4f}, median step {statistics.median(step_times):.3f} s",
+          flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
