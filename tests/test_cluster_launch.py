@@ -256,12 +256,12 @@ def test_slurm_backend_submits_and_trains(rank_env, tmp_path, tmp_path_factory):
     assert json.loads((run_dir / "summary.json").read_text())["world"] == 2
 
 
-LONG = ("--epochs", "20", "--max_steps", "30", "--set", "train.export=false")
+LONG = ("--epochs", "20", "--max_steps", "16", "--set", "train.export=false")
 _long_reference: list[float] = []
 
 
 def long_reference(rank_env: dict, tmp_path_factory) -> list[float]:
-    """30 uninterrupted steps of the job on 2 local ranks: what a stopped-and-resumed run must match."""
+    """16 uninterrupted steps of the job on 2 local ranks: what a stopped-and-resumed run must match."""
     if not _long_reference:
         out = tmp_path_factory.mktemp("long_ref")
         hosts = out / "hosts"

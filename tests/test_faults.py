@@ -26,7 +26,8 @@ from launcher.errors import LabsError
 from launcher.rank_env import EXIT_STOPPED, clear_stale_build_locks, parse_duration
 
 JOB = "jobs/fine_tune_dry_run.yaml"  # tiny Llama, built-in text, 2 local ranks, ZeRO-0
-LONG = ("--epochs", "20", "--max_steps", "30", "--set", "train.export=false")
+STEPS = 16
+LONG = ("--epochs", "20", "--max_steps", str(STEPS), "--set", "train.export=false")
 
 
 def _popen_launch(out: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
@@ -75,7 +76,7 @@ def _stop_and_resume(tmp_path: Path, uninterrupted: list[float], *backend: str) 
     assert proc.returncode == EXIT_STOPPED, output[-5000:]
     stopped = json.loads((run_dir / "stopped.json").read_text())
     step = stopped["step"]
-    assert 2 <= step < 30 and "STOP file" in stopped["reason"]
+    assert 2 <= step < STEPS and "STOP file" in stopped["reason"]
     assert f"run stopped after step {step} (SIGTERM to labs launch)" in output
     assert f"--resume {run_dir}" in output
     man = checkpoints.read_manifest(run_dir / "checkpoints" / f"step{step}")
@@ -93,9 +94,9 @@ def _stop_and_resume(tmp_path: Path, uninterrupted: list[float], *backend: str) 
     assert ((run_dir / "job.yaml").read_text(), (run_dir / "ds_config.json").read_text()) == original
     (resumed_conf,) = list((run_dir / "resumes").glob("*/job.yaml"))
     assert "keep_checkpoints: 1" in resumed_conf.read_text()
-    assert [m.step for m, _ in checkpoints.complete(run_dir / "checkpoints")] == [30]  # the override applied
+    assert [m.step for m, _ in checkpoints.complete(run_dir / "checkpoints")] == [STEPS]  # the override applied
     resumed = read_metrics(run_dir)
-    assert [r["step"] for r in resumed] == list(range(1, 31))
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in resumed] == uninterrupted  # bit-exact, before and after the stop
     return run_dir, output
 
