@@ -128,4 +128,7 @@ if [ -z "${TORCH_INDEX_URL:-}" ]; then
 fi
 
 run podman build --pull=never --network host --layers "${mounts[@]}" -t "$IMAGE" "${build_args[@]}" .
-[ "$print" = 1 ] || podman image ls "$IMAGE"
+if [ "$print" = 0 ]; then
+  podman image prune -f >/dev/null  # the untagged images earlier builds left (their layers stay cached)
+  podman image ls "$IMAGE"
+fi
