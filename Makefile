@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED_DATA := $(wildcard ../shared/data)
 
-.PHONY: setup demo test test-fast lint cluster-deps clean
+.PHONY: setup demo test test-fast lint cluster-deps image clean
 
 $(VENV)/.setup-done: pyproject.toml scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
@@ -17,7 +17,7 @@ demo: setup
 # System packages for the cluster/slurm tests (root only; the tests skip with the reason otherwise).
 # With Open MPI present, mpi4py too (the openmpi launcher's test).
 cluster-deps:
-	@if [ "$$(id -u)" = 0 ] && [ -x scripts/install_cluster_deps.sh ]; then bash scripts/install_cluster_deps.sh; \
+	@if [ "$$(id -u)" = 0 ] && [ -x scripts/install_cluster_deps.sh ]; then WITH_CONTAINERS=1 bash scripts/install_cluster_deps.sh; \
 	else echo "[cluster-deps] not root or no installer: cluster/slurm tests will skip with their reason"; fi
 	@if command -v mpirun >/dev/null && [ -x $(PY) ] && ! $(PY) -c 'import mpi4py' 2>/dev/null; then \
 	  echo "[cluster-deps] installing mpi4py"; $(PY) -m pip install -q 'mpi4py>=4'; fi
@@ -28,6 +28,11 @@ test: setup cluster-deps
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -m "not distributed and not cluster and not slurm and not container"
+
+# The project's image (podman; a local Debian base and this machine's pip sources, docs/containers.md).
+# Cold about 8.5 minutes, then cached: tests/test_container.py skips until it exists.
+image:
+	bash scripts/build_image.sh --local
 
 lint: setup
 	$(VENV)/bin/ruff check launcher tasks tests bench
