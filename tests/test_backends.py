@@ -19,7 +19,7 @@ def _hosts(tmp_path, text: str):
 
 
 def plan(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return labs("plan", "jobs/fine_tune_dry_run.yaml", *args, env=env)
+    return labs("plan", "jobs/fine_tune_dry_run.yaml", "-v", *args, env=env)  # -v: the whole plan
 
 
 def command_line(out: str) -> str:
