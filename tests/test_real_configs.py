@@ -61,7 +61,7 @@ def test_accepted_or_refused_with_one_message(path):
     assert "Traceback" not in out + err
     if path.stem in ACCEPTED:
         assert code == 0, err
-        assert "== command" in out
+        assert "  command: " in out
     else:
         assert code == 2, f"{path.name} is accepted now: train it, then add it to ACCEPTED"
         lines = err.strip().splitlines()
