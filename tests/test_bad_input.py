@@ -462,6 +462,7 @@ def _write_trainable(d: Path, case: dict[str, Any]) -> Path:
     return path
 
 
+@pytest.mark.distributed  # real DeepSpeed processes: not in make test-fast
 @settings(max_examples=3, deadline=None, database=None, phases=[Phase.generate],  # no shrinking: 10 s a run
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(case=trainable_jobs())

@@ -126,6 +126,7 @@ def test_torchrun_dry_run_on_the_builtin_sample(ds_ops, tmp_path, lab):
     assert s["world"] == 2 and s["task"] == lab and "accuracy" in s
 
 
+@pytest.mark.distributed  # real DeepSpeed processes: not in make test-fast
 def test_python_m_fine_tune_dry_run(ds_ops, tmp_path):
     proc = _run([sys.executable, "-m", "tasks.fine_tune", "--dry_run", "--set", f"train.output_dir={tmp_path}"], None)
     assert_ok(proc)
