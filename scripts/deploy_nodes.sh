@@ -12,6 +12,8 @@
 #           CONTAINER_ENGINE (docker)  DEPLOY_DIR (where the hostfile is written)  RUNS_DIR (./runs, mounted
 #           at /app/runs; RUN_AS must be able to write there)  SHM_SIZE (2g)
 #           GPU_FLAGS (--gpus all when nvidia-smi exists)  RUN_ARGS (more container flags, e.g. "-v /data:/data:ro")
+#           LABS_DATA_DIR (a data folder on this node: mounted read-only at /app/data in the container,
+#                  which gets LABS_DATA_DIR=/app/data)
 #           PULL (1: `ENGINE pull IMAGE` first, so a pushed new build of the same tag is used; 0: don't)
 #           RUN_AS (uid:gid the ranks run as; default the invoking user, SUDO_UID:SUDO_GID under sudo,
 #                   so the run folder is theirs; as plain root the image's own user, labs 1000:1000)
@@ -100,10 +102,20 @@ read -r -a gpu_flags <<< "$GPU_FLAGS"
 read -r -a run_args <<< "${RUN_ARGS:-}"
 # -e NAME (no value): passed only when set here, and the value never appears in --print output
 pass_env=()
-for var in DS_ACCELERATOR OMP_NUM_THREADS HF_HOME HF_HUB_OFFLINE HF_TOKEN LABS_DATA_DIR \
+for var in DS_ACCELERATOR OMP_NUM_THREADS HF_HOME HF_HUB_OFFLINE HF_TOKEN \
            WANDB_API_KEY WANDB_MODE WANDB_PROJECT WANDB_ENTITY NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME; do
   [ -n "${!var:-}" ] && pass_env+=(-e "$var")
 done
+# The host's data folder is not in the image: mount it where the ranks will look for it
+data_args=()
+if [ -n "${LABS_DATA_DIR:-}" ]; then
+  if [ ! -d "$LABS_DATA_DIR" ]; then
+    echo "deploy_nodes.sh: LABS_DATA_DIR='$LABS_DATA_DIR' is not a folder on this node" \
+         "(unset it, or point it to a folder laid out like shared/data)" >&2
+    exit 2
+  fi
+  data_args=(-v "$(cd "$LABS_DATA_DIR" && pwd):/app/data:ro" -e LABS_DATA_DIR=/app/data)
+fi
 # The ranks run as the invoking user (not root), so what they write under RUNS_DIR is theirs.
 if [ -z "${RUN_AS:-}" ]; then
   RUN_AS="${SUDO_UID:-$(id -u)}:${SUDO_GID:-$(id -g)}"
@@ -116,7 +128,7 @@ fi
 # host network and host name: ranks meet at MASTER_IP and report the node they run on
 cmd=("$ENGINE" run --rm --network host --uts host --ulimit nofile=20000:20000 --shm-size "${SHM_SIZE:-2g}"
      "${gpu_flags[@]}" --name "llm-labs-node$NODE_RANK" --user "$RUN_AS" -e HOME=/tmp
-     -e "NODE_RANK=$NODE_RANK" -e "MASTER_ADDR=$MASTER_IP" -e "MASTER_PORT=$MASTER_PORT" "${pass_env[@]}"
+     -e "NODE_RANK=$NODE_RANK" -e "MASTER_ADDR=$MASTER_IP" -e "MASTER_PORT=$MASTER_PORT" "${pass_env[@]}" "${data_args[@]}"
      -v "$hostfile:/deploy/hostfile:ro" -v "$RUNS_DIR:/app/runs" "${run_args[@]}"
      "$IMAGE" "${inner[@]}")
 pull=("$ENGINE" pull)

@@ -90,6 +90,20 @@ def test_deploy_names_a_missing_variable(tmp_path, missing):
 
 
 @pytest.mark.container
+def test_deploy_mounts_the_hosts_data_folder(tmp_path):
+    """LABS_DATA_DIR names a folder on the node, not in the image: it is mounted read-only and the
+    ranks get the path inside the container (CI sets it to ../shared/data)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    res = deploy("--print", tmp_path=tmp_path, **node_vars(LABS_DATA_DIR=str(data)))
+    assert res.returncode == 0, res.stderr
+    assert f"-v {data}:/app/data:ro -e LABS_DATA_DIR=/app/data " in res.stdout
+    assert f"LABS_DATA_DIR={data}" not in res.stdout
+    res = deploy("--print", tmp_path=tmp_path, **node_vars(LABS_DATA_DIR=str(tmp_path / "nowhere")))
+    assert res.returncode == 2 and "LABS_DATA_DIR" in res.stderr and "nowhere" in res.stderr
+
+
+@pytest.mark.container
 def test_deploy_rejects_a_node_rank_out_of_range(tmp_path):
     res = deploy("--print", tmp_path=tmp_path, **node_vars(NODE_RANK="2"))
     assert res.returncode == 2 and "NODE_RANK" in res.stderr
