@@ -12,8 +12,8 @@ the same data and seed (every stack builds them with the project's task code), t
 - hf_zero2      transformers.Trainer with ds_configs/zero2.json (`TrainingArguments(use_cpu=True,
                 deepspeed=...)`), under torchrun, 2 ranks
 - labs_zeroK    `labs launch` with ds_configs/zeroK.json, 2 ranks (quick: zero2 only)
-- labs_1proc    this project's fastest one-process setting (measured by bench/fastpath.py): 1 rank with
-                every core, the whole global batch as one micro-batch, torch's fused AdamW
+- labs_1proc    this project's fastest one-process setting (bench/fastpath.py, docs/benchmarks.md): 1 rank
+                with every core, the whole global batch as one micro-batch, torch's fused AdamW (full run only)
 
 Arms run interleaved (every arm once per round, the order rotated) for --repeats rounds. Reported per arm:
 median and min-max of steady-state tokens/s and MFU (launcher/mfu.py; the matmul peak measured at the
@@ -62,9 +62,9 @@ def arms_for(w: Workload, quick: bool, ranks: int = 2) -> list[Arm]:
     stages = [2] if quick else [0, 1, 2, 3]
     arms += [Arm(f"labs_zero{k}", "labs", ranks, t, per_rank, f"ds_configs/zero{k}.json",
                  note=f"labs launch, ZeRO-{k}") for k in stages]
-    arms.append(Arm("labs_1proc", "labs", 1, cores, g, "ds_configs/zero0.json", optimizer="fused",
-                    note="labs launch, 1 rank, whole batch, fused AdamW"))
     if not quick:
+        arms.append(Arm("labs_1proc", "labs", 1, cores, g, "ds_configs/zero0.json", optimizer="fused",
+                        note="labs launch, 1 rank, whole batch, fused AdamW"))
         arms.insert(1, Arm("torch_1proc", "torch", 1, cores, g, note="plain PyTorch, 1 process"))
     return arms
 
@@ -91,7 +91,8 @@ def plot(rows, out: Path, title: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="4 arms, sequence 64, batch 8, 6 steps: under 5 minutes")
+    p.add_argument("--quick", action="store_true", help="3 arms (torch_ddp, hf_zero2, labs_zero2), sequence 64, "
+                                                        "batch 8, 5 steps: under 5 minutes")
     p.add_argument("--model", default="llama-small", help="a tasks/presets.py name or a save_pretrained() folder")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when torch sees one, else cpu")
     p.add_argument("--ranks", type=int, default=2, help="ranks of the multi-rank arms (cores or GPUs)")
@@ -110,7 +111,7 @@ def main() -> int:
         a.device = "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "cpu"
     w = Workload(model=a.model, precision=a.precision, sets=[s for g in a.sets for s in g], device=a.device,
                  seq=a.seq or (64 if a.quick else 128), global_batch=a.global_batch or (8 if a.quick else 16),
-                 steps=a.steps or (6 if a.quick else 12))
+                 steps=a.steps or (5 if a.quick else 12))
     arms = arms_for(w, a.quick, a.ranks)
     if a.arms:
         want = a.arms.split(",")

@@ -119,6 +119,7 @@ def command(arm: Arm, w: Workload, out: Path) -> tuple[list[str], dict[str, str]
             str(free_port()), script, *args], _env(arm.threads, w.device)
 
 
+IDLE = 0.10  # a run during which other processes took less than this share of the cores counts as idle
 BREAKDOWN = re.compile(r"time \(ms\) \| fwd: ([\d.]+) \| bwd: ([\d.]+) \| bwd_inner: ([\d.]+) \| "
                        r"bwd_allreduce: ([\d.]+) \| step: ([\d.]+)")
 
@@ -248,6 +249,7 @@ def summarize(arms: list[Arm], w: Workload, results: list[dict[str, Any]], peak_
                      "best_tokens_per_s": max(tps) if tps else None,
                      "best_ratio": max(tps) / base_best if tps and base_best else None,
                      "others_load": statistics.median(r["others_load"] for r in ok) if ok else None,
+                     "idle_tokens_per_s": [round(r["tokens_per_s"]) for r in ok if r["others_load"] < IDLE],
                      "ratio_min": min(ratios) if ratios else None, "ratio_max": max(ratios) if ratios else None,
                      "step_s": statistics.median(r["step_s"] for r in ok) if ok else None,
                      "wall_s": statistics.median(r["wall_s"] for r in ok) if ok else None,
@@ -259,12 +261,12 @@ def summarize(arms: list[Arm], w: Workload, results: list[dict[str, Any]], peak_
 def table(rows: list[dict[str, Any]], baseline: str) -> str:
     out = [f"| arm | ranks x threads | precision | micro x accum x ranks | optimizer | tokens/s median (min-max) "
            f"| vs {baseline} median (min-max) | best round: tokens/s, vs {baseline} | MFU median (min-max) | step "
-           "| process wall | others' load | final loss |",
-           "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           f"| process wall | others' load | idle runs' tokens/s (others < {100 * IDLE:.0f}%) | final loss |",
+           "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         if not r["runs"]:
             out.append(f"| {r['name']} | {r['ranks']} x {r['threads']} | {r['precision']} | {r['micro']} x "
-                       f"{r['accum']} x {r['ranks']} | {r['optimizer']} | failed | | | | | | | |")
+                       f"{r['accum']} x {r['ranks']} | {r['optimizer']} | failed | | | | | | | | |")
             continue
         ratio = (f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})" if r["ratio"] is not None else "-")
         out.append(f"| {r['name']} | {r['ranks']} x {r['threads']} | {r['precision']} "
@@ -272,7 +274,8 @@ def table(rows: list[dict[str, Any]], baseline: str) -> str:
                    f"| {r['tokens_per_s']:.0f} ({r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f}) | {ratio} "
                    f"| {r['best_tokens_per_s']:.0f}, {_x(r['best_ratio'])} "
                    f"| {100 * r['mfu']:.1f}% ({100 * r['mfu_min']:.1f}-{100 * r['mfu_max']:.1f}) "
-                   f"| {r['step_s']:.3f} s | {r['wall_s']:.0f} s | {100 * r['others_load']:.0f}% | {r['final_loss']:.3f} |")
+                   f"| {r['step_s']:.3f} s | {r['wall_s']:.0f} s | {100 * r['others_load']:.0f}% "
+                   f"| {', '.join(map(str, r.get('idle_tokens_per_s') or [])) or '-'} | {r['final_loss']:.3f} |")
     return "\n".join(out)
 
 
@@ -288,7 +291,13 @@ def breakdown_table(rows: list[dict[str, Any]]) -> str:
         if not b:
             continue
         src = "DeepSpeed wall_clock_breakdown" if r["kind"] == "labs" else "timers in the loop"
-        out.append(f"| {r['name']} | {b['forward']:.0f} ms | {b['backward_compute']:.0f} ms | {b['allreduce']:.0f} ms "
+        if r["ranks"] == 1:
+            comm = "- (1 rank)"
+        elif r["kind"] == "torch" and r["accum"] < 2:  # DDP overlaps it with backward; separable with accum >= 2
+            comm = "inside backward"
+        else:
+            comm = f"{b['allreduce']:.0f} ms"
+        out.append(f"| {r['name']} | {b['forward']:.0f} ms | {b['backward_compute']:.0f} ms | {comm} "
                    f"| {b['optimizer']:.0f} ms | {src} |")
     return "\n".join(out)
 
@@ -301,3 +310,31 @@ def machine() -> str:
     from launcher.mfu import cpu_model
     return (f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores; torch {torch.__version__}, DeepSpeed "
             f"{deepspeed.__version__}, transformers {transformers.__version__}")
+
+
+def rebuild(folder: Path, md_name: str, baseline: str) -> str:
+    """Re-summarize a results.json (its runs, arms and peaks) with this version's tables; rewrites
+    FOLDER/MD_NAME keeping its first paragraph (the command, date and machine)."""
+    from launcher.mfu import Peak
+    data = json.loads((folder / "results.json").read_text())
+    w = Workload(**data["workload"])
+    names = set(Arm.__dataclass_fields__)
+    arms = [Arm(**{k: v for k, v in r.items() if k in names}) for r in data["rows"]]
+    peak_of = {(r["precision"], r["threads"]): Peak(r["peak_flops"] / r["ranks"], r["precision"], r["threads"], "",
+                                                    r["peak"]) for r in data["rows"]}
+    rows = summarize(arms, w, data["runs"], peak_of, baseline)
+    for new, old in zip(rows, data["rows"], strict=True):
+        new["peak"] = old["peak"]
+    data["rows"] = rows
+    (folder / "results.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    head = (folder / md_name).read_text().split("\n\n", 1)[0]
+    parts = [head, table(rows, baseline)]
+    if any(r.get("breakdown_ms") for r in rows):
+        parts.append(breakdown_table(rows))
+    text = "\n\n".join(parts) + "\n"
+    (folder / md_name).write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    print(rebuild(Path(sys.argv[1]), sys.argv[2], sys.argv[3]))
