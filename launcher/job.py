@@ -185,8 +185,10 @@ class TrainSection:
     micro_batch: int | None = checked(at_least(1, "samples per rank per forward"), None)
     """train_micro_batch_size_per_gpu when the DeepSpeed config leaves it to "auto"."""
     grad_accum: int | None = checked(at_least(1, "micro-batches per optimizer step"), None)
-    bf16: bool | None = None
-    """bf16 enabled when the DeepSpeed config says "auto" (null: off, as the HF Trainer's default)."""
+    bf16: bool | str | None = checked(Rule(lambda v: isinstance(v, bool) or v == "auto",
+                                           "true, false, or auto (bf16 where this machine has fast bf16)"), None)
+    """bf16 enabled when the DeepSpeed config says "auto" (null: off, as the HF Trainer's default;
+    auto: on where the machine computes bf16 fast: a CPU with amx_bf16/avx512_bf16, a CUDA GPU with bf16)."""
     fp16: bool | None = None
     """fp16 enabled when the DeepSpeed config says "auto" (null: off; GPUs only, refused on CPU)."""
 

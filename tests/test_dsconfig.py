@@ -34,6 +34,7 @@ AUTO_CFG = {  # the shape of transformers' ds_config_zero3.json, "auto" everywhe
 def base(**changes) -> dict:
     cfg = dsconfig.load_ds_config(REPO / "ds_configs" / "zero2.json")
     cfg["train_batch_size"] = 8  # what "auto" becomes on 2 ranks (micro batch 2 x accumulation 2 x dp 2)
+    cfg["bf16"] = {"enabled": False}  # "auto": what a job without train.bf16 gets
     cfg.update(changes)
     return cfg
 

@@ -179,7 +179,9 @@ def test_bf16_configs_differ_from_fp32_only_in_precision():
     for fp32 in ("zero0", "zero1", "zero2", "zero3", "pipeline", "tensor_parallel", "model_parallel"):
         a = json.loads((REPO / "ds_configs" / f"{fp32}.json").read_text())
         b = json.loads((REPO / "ds_configs" / f"{fp32}_bf16.json").read_text())
-        assert a["bf16"] == {"enabled": False} and b.pop("bf16") == {"enabled": True}
+        # the data-parallel configs leave bf16 to the job (train.bf16: true/false/auto; unset: off)
+        assert a["bf16"] == {"enabled": "auto" if fp32.startswith("zero") else False}
+        assert b.pop("bf16") == {"enabled": True}
         assert b.pop("communication_data_type") == "fp32"
         a.pop("bf16")
         assert a == b
@@ -221,3 +223,19 @@ def test_bench_harness_tables_and_breakdown_parser():
     assert rows[0]["mfu"] == pytest.approx(100 * mfu.preset_flops("llama-small", 64).total / 2e11)  # 2 ranks
     md = harness.table(rows, "base")
     assert "| fast | 1 x 2 | fp32 | 8 x 1 x 1 | default | 150 (100-200) | 2.00x (1.00-3.00) |" in md
+
+
+def test_bf16_auto_follows_the_machine_and_the_job(tmp_path, monkeypatch):
+    """train.bf16: auto turns bf16 on where the CPU lists amx_bf16/avx512_bf16 and off where it lists
+    neither; a job that says nothing keeps fp32 (the equivalence tests' jobs)."""
+    from launcher import dsconfig
+    from launcher.plan import make_plan
+
+    for flags, expect in (("fpu sse2 avx512f amx_bf16 amx_tile", True), ("fpu sse2 avx2", False)):
+        info = tmp_path / f"cpuinfo-{expect}"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(dsconfig, "CPUINFO", info)
+        plan = make_plan("jobs/fine_tune_zero2.yaml", dry_run=True)
+        assert plan.ds_config["bf16"]["enabled"] is expect
+        assert any("bf16.enabled" in n and "train.bf16 = auto" in n for n in plan.notes), plan.notes
+        assert make_plan("jobs/demo.yaml").ds_config["bf16"]["enabled"] is False  # unset: fp32
