@@ -29,6 +29,20 @@ def accelerator() -> str:
     return os.environ.get("DS_ACCELERATOR") or ("cuda" if shutil.which("nvidia-smi") else "cpu")
 
 
+def device():
+    """The device a rank's inputs and its own collectives' tensors live on: DeepSpeed's accelerator's
+    (cuda:LOCAL_RANK under nccl, which refuses CPU tensors; cpu under gloo)."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    return torch.device(get_accelerator().current_device_name())
+
+
+def to_device(batch: dict, dev) -> dict:
+    """A collated batch with its tensors on `dev` (DeepSpeed's engine does not move inputs; its
+    pipeline engine does, and a no-op move costs nothing)."""
+    return {k: v.to(dev, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
 def extensions_dir() -> str:
     return os.environ.get("TORCH_EXTENSIONS_DIR") or str(REPO / ".cache" / "torch_extensions")
 
@@ -277,7 +291,7 @@ class StopRequest:
             return mine
         codes = ["", "signal", "stop file", "max_time"]
         code = 0 if mine is None else (1 if mine.startswith("signal") else 2 if "STOP" in mine else 3)
-        t = torch.tensor([code], dtype=torch.int32)
+        t = torch.tensor([code], dtype=torch.int32, device=device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         if int(t) == 0:
             return None
