@@ -2,10 +2,15 @@
 
 A checkpoint is DeepSpeed's tag folder `checkpoints/step<N>/`. It counts as complete only once
 every rank has written its part (a barrier) and rank 0 has added `labs_manifest.json` (step,
-world size, layout, ZeRO stage, precision, hashes of the resolved job and config); only then is
+world size, layout, ZeRO stage, offload, precision, global batch, hashes of the resolved job and
+config); only then is
 `checkpoints/latest` rewritten, atomically (write, then rename). Resume loads the newest complete
 checkpoint, whatever `latest` says, and tells when the two differ. Incomplete folders (a save cut
 short by a kill) are never loaded and are removed before the next run starts.
+
+A resume under another data-parallel size, ZeRO stage, offload or precision converts the checkpoint
+once (launcher/reshard.py) and keeps the run's global batch (`resume_under`, called by the plan);
+another tensor-parallel size or number of pipeline stages is refused (not converted yet).
 
 No torch here: `labs plan` reads manifests to check a resume before any rank starts.
 """
@@ -39,15 +44,28 @@ class Manifest:
     config_sha: str
     reason: str = "scheduled"
     """Why it was saved: scheduled (save_every / end of run) or the stop reason (signal, max_time)."""
+    offload: bool = False
+    """ZeRO offload (optimizer or parameters) to the CPU was on."""
+    global_batch: int = 0
+    """Samples per optimizer step (micro x accumulation x dp); 0 in manifests written before it was recorded."""
 
     def layout_key(self) -> dict[str, Any]:
-        return layout_key(self.dp, self.tp, self.pp, self.zero_stage, self.precision)
+        return layout_key(self.dp, self.tp, self.pp, self.zero_stage, self.precision, self.offload)
 
 
-def layout_key(dp: int, tp: int, pp: int, zero_stage: int, precision: str) -> dict[str, Any]:
-    """What a checkpoint's files depend on: resuming under another value cannot load them."""
+def layout_key(dp: int, tp: int, pp: int, zero_stage: int, precision: str, offload: bool = False) -> dict[str, Any]:
+    """What a checkpoint's files depend on: resuming under another value needs a conversion (or,
+    for the tensor-parallel size and pipeline stages, is refused)."""
     return {"data-parallel size": dp, "tensor-parallel size": tp, "pipeline stages": pp,
-            "ZeRO stage": zero_stage, "precision": precision}
+            "ZeRO stage": zero_stage, "offload": offload, "precision": precision}
+
+
+NOT_CONVERTIBLE = ("tensor-parallel size", "pipeline stages")
+"""Layout keys a conversion cannot change yet (their checkpoints are stored per shard / per stage)."""
+
+
+def changes(was: dict[str, Any], will: dict[str, Any]) -> list[str]:
+    return [k for k in was if k in will and was[k] != will[k]]
 
 
 def precision(cfg: dict[str, Any]) -> str:
@@ -162,7 +180,7 @@ def remove_incomplete(ckpt_dir: Path) -> list[Path]:
 
 def check_resume(ckpt_dir: Path, now: dict[str, Any], run_dir: Path) -> tuple[Manifest, Path]:
     """The checkpoint to resume from, checked against this launch's layout; a LabsError names every
-    difference that the checkpoint's files cannot follow (until they can be resharded)."""
+    difference that cannot be converted (tensor-parallel size, pipeline stages) and every other one."""
     best = newest(ckpt_dir)
     if best is None:
         left = incomplete(ckpt_dir)
@@ -171,12 +189,80 @@ def check_resume(ckpt_dir: Path, now: dict[str, Any], run_dir: Path) -> tuple[Ma
         raise LabsError(f"--resume {run_dir}: no complete checkpoint in {ckpt_dir}{extra}; start a new run "
                         f"(without --resume), or resume a run that saved one (train.save_every = N saves every N steps)")
     saved, path = best
-    was, will = saved.layout_key(), now
-    diffs = [f"{k} {was[k]} -> {will[k]}" for k in was if was[k] != will[k]]
-    if diffs:
+    was = saved.layout_key()
+    diffs = changes(was, now)
+    if any(k in NOT_CONVERTIBLE for k in diffs):
         raise LabsError(f"--resume {run_dir}: checkpoint {path.name} was saved with "
                         + ", ".join(f"{k} {v}" for k, v in was.items())
-                        + f"; this launch changes {', '.join(diffs)}, which that checkpoint cannot be loaded "
-                        f"under. Resume with the run's own ds_config ({run_dir}/ds_config.json) and hostfile, "
-                        f"or start a new run")
+                        + f"; this launch changes {', '.join(f'{k} {was[k]} -> {now[k]}' for k in diffs)}. "
+                        f"A checkpoint converts to another data-parallel size, ZeRO stage, offload or precision, "
+                        f"not yet to another {' or '.join(k for k in NOT_CONVERTIBLE if k in diffs)}: keep "
+                        f"{', '.join(f'{k} {was[k]}' for k in NOT_CONVERTIBLE if k in diffs)} (the run's own "
+                        f"ds_config, {run_dir}/ds_config.json), or start a new run")
     return saved, path
+
+
+def saved_global_batch(saved: Manifest, run_dir: Path) -> int:
+    """The run's samples per optimizer step: from the manifest, else from the run's resolved ds_config."""
+    if saved.global_batch:
+        return saved.global_batch
+    try:
+        tb = json.loads((run_dir / "ds_config.json").read_text()).get("train_batch_size")
+    except (OSError, ValueError):
+        return 0
+    return tb if isinstance(tb, int) else 0
+
+
+def keep_global_batch(cfg: dict[str, Any], global_batch: int, dp: int, path: str) -> list[str]:
+    """Set the batch triad of `cfg` (before it is resolved) so that a resume at data-parallel size
+    `dp` keeps the run's samples per step: the micro batch stays and gradient accumulation follows
+    (or the reverse when it must). A config that names another train_batch_size keeps it, with a
+    warning. Returns what it did, for the plan."""
+    if global_batch <= 0:
+        return []
+    tb, mb, ga = (cfg.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                       "gradient_accumulation_steps"))
+    num = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if num(tb) and tb != global_batch:
+        return [f"warning: {path} sets train_batch_size = {tb}, the run trained with {global_batch}: the resumed "
+                f"steps will not be those of the uninterrupted run"]
+    cfg["train_batch_size"] = global_batch
+    said = []
+    if num(mb) and num(ga) and mb * ga * dp != global_batch:
+        if global_batch % (mb * dp) == 0:
+            cfg["gradient_accumulation_steps"] = global_batch // (mb * dp)
+            said.append(f"gradient_accumulation_steps {ga} -> {cfg['gradient_accumulation_steps']}")
+        elif global_batch % (ga * dp) == 0:
+            cfg["train_micro_batch_size_per_gpu"] = global_batch // (ga * dp)
+            said.append(f"train_micro_batch_size_per_gpu {mb} -> {cfg['train_micro_batch_size_per_gpu']}")
+        else:
+            raise LabsError(f"--resume: the run's global batch of {global_batch} samples cannot be split over "
+                            f"data-parallel size {dp} (it is not a multiple of {dp}); choose a hostfile whose "
+                            f"data-parallel size divides {global_batch}")
+    return [f"resume: global batch kept at {global_batch} samples per step ({', '.join(said)})"] if said else []
+
+
+def resume_under(ckpt_dir: Path, cfg: dict[str, Any], now: dict[str, Any], run_dir: Path,
+                 path: str = "") -> tuple[Manifest, Path, list[str]]:
+    """For the plan of a resume: the checkpoint (check_resume), the batch triad of `cfg` set to keep
+    the run's global batch when the data-parallel size changes, and what the conversion will do."""
+    saved, tag = check_resume(ckpt_dir, now, run_dir)
+    was = saved.layout_key()
+    diffs = changes(was, now)
+    if not diffs:
+        return saved, tag, []
+    notes = []
+    if was["data-parallel size"] != now["data-parallel size"]:
+        notes += keep_global_batch(cfg, saved_global_batch(saved, run_dir), now["data-parallel size"], path)
+    from launcher import reshard  # no torch at import
+    why = reshard.problem(tag)
+    change = ", ".join(f"{k} {was[k]} -> {now[k]}" for k in diffs)
+    if why is None:
+        notes.append(f"resume: layout changes ({change}): {tag}/{reshard.FOLDER} is already converted: rank 0 "
+                     f"checks and reuses it")
+    else:
+        size, secs = reshard.estimate(tag)
+        notes.append(f"resume: layout changes ({change}): rank 0 converts {tag.name} once into "
+                     f"{tag}/{reshard.FOLDER}/ (fp32 weights, Adam moments and step counts, LR schedule, "
+                     f"sampler position from the step): about {size / 1e6:.0f} MB of disk, ~{secs:.0f} s")
+    return saved, tag, notes

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from launcher import checkpoints
 from launcher.layout import Layout
-from launcher.rank_env import remove_shm
+from launcher.rank_env import device, remove_shm
 
 
 def dp_mean(value: torch.Tensor, group=None, size: int | None = None) -> float:
@@ -55,11 +55,28 @@ class EngineAccess:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0]) if self.engine.get_lr() else 0.0
 
+    def layout_key(self) -> dict[str, Any]:
+        """This engine's checkpoint layout (checkpoints.layout_key)."""
+        e = self.engine
+        precision = "bf16" if e.bfloat16_enabled() else "fp16" if e.fp16_enabled() else "fp32"
+        offload = any(x is not None and str(getattr(x.device, "value", x.device)) != "none"
+                      for x in (e.zero_offload_optimizer(), e.zero_offload_param()))
+        return checkpoints.layout_key(self.layout.dp, self.layout.tp, self.layout.pp, self.stage, precision, offload)
+
     def save(self, ckpt_dir: Path, tag: str, state: dict[str, Any], manifest: checkpoints.Manifest,
              keep: int = 0) -> None:
         """Every rank writes its part; after a barrier rank 0 marks the checkpoint complete (its
-        manifest), points `latest` at it (atomically) and prunes to the newest `keep`. Collective."""
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"labs": state}, save_latest=False)
+        manifest), points `latest` at it (atomically) and prunes to the newest `keep`. Collective.
+        The manifest also records offload and the global batch; the checkpoint, the names of the
+        optimizer's parameters in order (what a ZeRO-0 checkpoint does not say, for launcher/reshard.py)."""
+        import dataclasses
+        e = self.engine
+        key = self.layout_key()
+        manifest = dataclasses.replace(manifest, offload=key["offload"], global_batch=int(
+            e.train_micro_batch_size_per_gpu() * e.gradient_accumulation_steps() * self.layout.dp))
+        names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"labs": state, "labs_params": names},
+                                    save_latest=False)
         dist.barrier()
         if dist.get_rank() == 0:
             checkpoints.write_manifest(ckpt_dir / tag, manifest)
@@ -68,10 +85,47 @@ class EngineAccess:
         dist.barrier()
 
     def load(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+        """The run's client state after loading checkpoint `tag`. Saved under another layout (dp size,
+        ZeRO stage, offload, precision): rank 0 converts it once (launcher/reshard.py; reused when
+        already converted and intact) and every rank loads its share from the consolidated state."""
+        saved = checkpoints.read_manifest(ckpt_dir / tag)
+        now = self.layout_key()
+        diffs = checkpoints.changes(saved.layout_key(), now) if saved is not None else []
+        if diffs:
+            return self._load_converted(ckpt_dir / tag, saved, now, diffs)
         path, client = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} under {ckpt_dir}")
         return client["labs"]
+
+    def _load_converted(self, tag_dir: Path, saved: checkpoints.Manifest, now: dict[str, Any],
+                        diffs: list[str]) -> dict[str, Any]:
+        import logging
+
+        from launcher import reshard
+        from launcher.errors import LabsError
+        log = logging.getLogger("labs")
+        was = saved.layout_key()
+        if any(k in checkpoints.NOT_CONVERTIBLE for k in diffs) or self.layout.tp > 1 or self.layout.pp > 1:
+            raise LabsError(f"{tag_dir}: saved with {', '.join(f'{k} {was[k]}' for k in diffs)}, resumed with "
+                            f"{', '.join(f'{k} {now[k]}' for k in diffs)}: a conversion to or from tensor or "
+                            f"pipeline parallelism is not supported yet")
+        log.info("resume: %s saved with %s; this run has %s: converting", tag_dir.name,
+                 ", ".join(f"{k} {was[k]}" for k in diffs), ", ".join(f"{k} {now[k]}" for k in diffs))
+        box: list[Any] = [None]
+        if dist.get_rank() == 0:
+            try:
+                reshard.ensure(tag_dir, saved, say=lambda m: log.info("%s", m))
+            except Exception as e:  # every rank stops with rank 0's reason
+                box[0] = f"{e}" if isinstance(e, LabsError) else f"{type(e).__name__}: {e}"
+                if not isinstance(e, LabsError):
+                    log.exception("conversion of %s failed", tag_dir)
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise LabsError(f"--resume: converting {tag_dir} failed: {box[0]}")
+        client = reshard.load_into(self, tag_dir / reshard.FOLDER)
+        dist.barrier()
+        return client
 
 
 class DataParallel(EngineAccess):
@@ -228,12 +282,15 @@ class PipeOutput:
 
     @property
     def logits(self) -> torch.Tensor:
+        dev = device()  # nccl broadcasts device tensors only
         if dist.get_rank() != self._src or self._logits is None:
-            shape = torch.zeros(3, dtype=torch.long)
+            shape = torch.zeros(3, dtype=torch.long, device=dev)
             dist.broadcast(shape, src=self._src, group=self._group)
-            self._logits = torch.empty(*shape.tolist())
+            self._logits = torch.empty(*shape.tolist(), device=dev)
         else:
-            dist.broadcast(torch.tensor(self._logits.shape, dtype=torch.long), src=self._src, group=self._group)
+            self._logits = self._logits.to(dev)
+            dist.broadcast(torch.tensor(self._logits.shape, dtype=torch.long, device=dev), src=self._src,
+                           group=self._group)
         dist.broadcast(self._logits, src=self._src, group=self._group)
         return self._logits
 
@@ -309,7 +366,7 @@ class PipelineParallel(EngineAccess):
         losses, logits = out if isinstance(out, tuple) else (out, None)
         src = self.engine._loss_stage_global_rank()
         group = self.engine.grid.get_pipe_parallel_group()
-        loss = losses[0].float().clone() if self.engine.is_last_stage() else torch.zeros(())
+        loss = losses[0].float().clone() if self.engine.is_last_stage() else torch.zeros((), device=device())
         dist.broadcast(loss, src=src, group=group)
         return PipeOutput(loss, logits.detach().float() if logits is not None else None, src, group)
 
@@ -394,6 +451,9 @@ def build_strategy(model: torch.nn.Module, config: dict[str, Any], layout: Layou
     release_shm_buffers()
     if layout.pp > 1 and layout.tp > 1:
         raise NotImplementedError("pipeline x tensor parallel (refused by labs plan)")
+    if layout.sp > 1:
+        from launcher.sequence_parallel import SequenceParallel
+        return SequenceParallel(model, config, layout)
     if layout.pp > 1:
         return PipelineParallel(model, config, layout)
     if layout.tp > 1:
