@@ -126,6 +126,8 @@ def run_one(args, spec: str, out: Path) -> dict[str, Any]:
         "formula_mixed_bytes": plan.memory().get(stage),
         "formula_fp32_bytes": [_fp32_formula(stage, r["params_local"], lay.dp) for r in ranks_info],
         "params_total": total, "run_dir": str(run_dir), "command": getattr(args, "command", None),
+        "memory": summ.get("memory"),
+        "memory_ranks": [{k: v for k, v in r.items() if k.startswith("memory_")} for r in ranks_info],
     }
     print(f"loss {res['final_loss']:.4f}, {res['tokens_per_s']:.0f} tok/s, {wall:.0f} s", flush=True)
     return res
@@ -139,12 +141,65 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def repredict(r: dict[str, Any]) -> None:
+    """The memory prediction of a measured run, made again by this version of launcher/memory.py from the
+    run's own job.yaml and ds_config.json (so a report rebuilt after a calibration shows the new figures)."""
+    m = r.get("memory")
+    rd = Path(r.get("run_dir", ""))
+    if not m or not (rd / "job.yaml").is_file():
+        return
+    from launcher import dsconfig, memory
+    from launcher.job import load_job
+    from launcher.layout import Layout
+    cfg = json.loads((rd / "ds_config.json").read_text())
+    layout = Layout.from_ds_config(cfg, r["world"])
+    cfg = dsconfig.resolve_batch(cfg, layout.dp, str(rd / "ds_config.json"))
+    pred = memory.predict_run(load_job(rd / "job.yaml", []), cfg, layout)
+    if pred is None:
+        return
+    ranks = pred.per_rank
+    m["predicted_bytes"] = [p.above_baseline for p in ranks]
+    m["predicted_parts"] = [p.parts for p in ranks]
+    m["ratio"] = [round(p.above_baseline / b, 3) if b else None for p, b in zip(ranks, m["measured_bytes"], strict=True)]
+
+
+def _memory_cells(r: dict[str, Any]) -> str:
+    """measured | predicted | ratio, per rank ('-' for runs from before the memory was measured)."""
+    m = r.get("memory") or {}
+    meas, pred = m.get("measured_bytes") or [], m.get("predicted_bytes") or []
+    if not meas:
+        return "- | - | -"
+    return (" / ".join(_mib(b) if b is not None else "-" for b in meas) + " | "
+            + " / ".join(_mib(b) if b is not None else "-" for b in pred) + " | "
+            + " / ".join(f"{p / b:.2f}" if p and b else "-" for p, b in zip(pred, meas, strict=True)))
+
+
+def _memory_table(results: list[dict[str, Any]]) -> list[str]:
+    """Predicted vs measured peak per rank, and the predicted parts of rank 0 and the last rank."""
+    rows = [r for r in results if (r.get("memory") or {}).get("measured_bytes")]
+    if not rows:
+        return []
+    out = ["## Peak memory per rank: predicted vs measured", "",
+           "| strategy | rank | measured above baseline | predicted | ratio | within 20% | predicted parts |",
+           "|---|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        m = r["memory"]
+        for k, (b, p) in enumerate(zip(m["measured_bytes"], m["predicted_bytes"], strict=True)):
+            parts = (m.get("predicted_parts") or [None] * (k + 1))[k] or {}
+            ratio = p / b if p and b else None
+            out.append(f"| {r['strategy']} | {k} | {_mib(b) if b else '-'} | {_mib(p) if p else '-'} "
+                       f"| {f'{ratio:.2f}' if ratio else '-'} | {'yes' if ratio and 0.8 <= ratio <= 1.2 else 'NO'} "
+                       f"| {', '.join(f'{n} {_mib(v)}' for n, v in parts.items() if v)} |")
+    return out
+
+
 def write_report(results: list[dict[str, Any]], out: Path, job: str, steps: int, command: str) -> None:
     from launcher.mfu import fmt_flops
     rows = ["| strategy | ranks (dp x tp x pp) | micro-batches | tokens/s | FLOP/s | MFU | time/step | peak RSS / rank "
+            "| peak above baseline / rank: measured | predicted | predicted / measured "
             "| model states / rank (measured) | of which params + master + grads + optimizer (rank 0) "
             "| fp32 formula | plan formula (mixed prec.) | final loss |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         d = r["state_detail"][0]
         parts = " + ".join(_mib(d[k]) for k in ("params", "master", "grads", "optimizer"))
@@ -152,7 +207,7 @@ def write_report(results: list[dict[str, Any]], out: Path, job: str, steps: int,
             f"| {r['strategy']} | {r['world']} ({r['dp']} x {r['tp']} x {r['pp']}) | {r['micro_batches']} "
             f"| {r['tokens_per_s']:.0f} | {fmt_flops(r['flops_per_s']) if r.get('flops_per_s') else '-'} "
             f"| {_pct(r.get('mfu'))} | {r['step_time_s']:.3f} s "
-            f"| {' / '.join(_mib(b) for b in r['peak_rss_bytes'])} "
+            f"| {' / '.join(_mib(b) for b in r['peak_rss_bytes'])} | {_memory_cells(r)} "
             f"| {' / '.join(_mib(b) for b in r['state_bytes'])} | {parts} "
             f"| {' / '.join(_mib(b) for b in r['formula_fp32_bytes'])} "
             f"| {_mib(r['formula_mixed_bytes']) if r['formula_mixed_bytes'] else '-'} | {r['final_loss']:.4f} |")
@@ -179,8 +234,15 @@ def write_report(results: list[dict[str, Any]], out: Path, job: str, steps: int,
             "the step: ZeRO-0/1 hold full gradients while micro-batches accumulate). During its optimizer step "
             "ZeRO-3 holds its gradient partition twice, the reduce-scatter buffer (`grad_partitions_flat_buffer`) "
             "and the flattened copy that becomes the fp32 master partition's `.grad` (freed after the step); the "
-            "formula counts one, so ZeRO-3 measures 4P/N above it. ZeRO's reduce buckets are not counted.", "",
-            "![loss curves](loss.png)", "", "![throughput](throughput.png)", "", "![memory per rank](memory.png)", ""]
+            "formula counts one, so ZeRO-3 measures 4P/N above it. ZeRO's reduce buckets are not counted.",
+            "- peak above baseline: each rank's high-water resident memory (VmHWM) after its first "
+            "optimizer steps minus its RSS once torch, deepspeed, transformers and datasets were imported "
+            "(launcher/memory.py PeakMeter); predicted: what `labs plan` predicts for that rank "
+            "(launcher/memory.py predict: model states for the run's precision, activations and logits, "
+            "communication buffers, optimizer-step temporaries, the task's runtime); the issue's target is a "
+            "ratio within 0.8-1.2.", "",
+            *_memory_table(results), ""
+            "![loss curves](loss.png)", "", "![throughput](throughput.png)", "", "![memory per rank](memory.png)", "", "![peak memory per rank, predicted vs measured](peak_memory.png)", ""]
     (out / "report.md").write_text("\n".join(text))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _plots(results, out)
@@ -232,6 +294,34 @@ def _plots(results: list[dict[str, Any]], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=110)
     plt.close(fig)
+    peak_plot(results, out / "peak_memory.png")
+
+
+def peak_plot(results: list[dict[str, Any]], path: Path, title: str = "Peak memory per rank above the baseline") -> None:
+    """Measured peak per rank (bars) and the prediction (black marks), one group per strategy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in results if (r.get("memory") or {}).get("measured_bytes")]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(rows) + 3), 4.5))
+    width = 0.38
+    for i, r in enumerate(rows):
+        m = r["memory"]
+        for k, (b, p) in enumerate(zip(m["measured_bytes"], m["predicted_bytes"], strict=True)):
+            x = i + (k - (len(m["measured_bytes"]) - 1) / 2) * width
+            ax.bar(x, (b or 0) / 2**20, width * 0.95, color=f"C{k}", label=f"rank {k} measured" if i == 0 else None)
+            if p:
+                ax.scatter([x], [p / 2**20], color="black", marker="_", s=300, zorder=3,
+                           label="predicted" if i == 0 and k == 0 else None)
+    ax.set_xticks(range(len(rows)), [r["strategy"] for r in rows], rotation=30)
+    ax.set(ylabel="MiB", title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
@@ -243,6 +333,7 @@ def run(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
         results = json.loads((out / "results.json").read_text())
         for r in results:  # the formula as of this version; the command that measured them
             r["formula_fp32_bytes"] = [_fp32_formula(r["zero_stage"], n, r["dp"]) for n in r["params_per_rank"]]
+            repredict(r)
         command = results[0].get("command", command) if results else command
         args.steps = results[0]["steps"] if results else args.steps
     else:
