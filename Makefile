@@ -24,7 +24,7 @@ cluster-deps:
 
 test: setup cluster-deps
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(if $(SHARED_DATA),LABS_DATA_DIR=$(abspath $(SHARED_DATA))) \
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=30
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -m "not distributed and not cluster and not slurm and not container"
