@@ -13,6 +13,8 @@ both cores, the whole global batch as one micro-batch, the shipped configs' opti
 - batch:     the same tokens per optimizer step as 1 micro-batch, 2 and 8 micro-batches accumulated; and
              twice the tokens per optimizer step
 - precision: bf16 (ds_configs/zero0_bf16.json) vs fp32, with the fused optimizer
+- compile:   `train.compile: true` (torch.compile, inductor) vs eager, both with the fused optimizer; the
+             compilation falls in the untimed first steps (--steps must leave timed ones after it)
 
 The optimizer step alone, per implementation and thread count: bench/optimizers.py.
 """
@@ -54,6 +56,11 @@ def arms_for(w: Workload, groups: set[str]) -> list[Arm]:
     if "precision" in groups:
         arms += [Arm("labs_1x2_fused_bf16", "labs", 1, 2, g, z0, optimizer="fused", precision="bf16")]
         if "optimizer" not in groups:
+            arms.append(Arm("labs_1x2_fused", "labs", 1, 2, g, z0, optimizer="fused"))
+    if "compile" in groups:  # torch.compile through DeepSpeed's engine.compile(); its first steps compile
+        arms += [Arm("labs_1x2_fused_compile", "labs", 1, 2, g, z0, optimizer="fused", sets=["train.compile=true"],
+                     note="train.compile: true (inductor), fused AdamW")]
+        if not groups & {"optimizer", "precision"}:
             arms.append(Arm("labs_1x2_fused", "labs", 1, 2, g, z0, optimizer="fused"))
     return arms
 

@@ -162,6 +162,9 @@ class TrainSection:
     output_dir: str = checked(PATH_RULE, "runs")
     export: bool = True
     """Export the final model in Hugging Face format."""
+    compile: bool = False
+    """torch.compile the model (DeepSpeed's engine.compile(), inductor); data parallel (ZeRO 0-3) only.
+    The first steps pay for the compilation (docs/benchmarks.md has its measured effect)."""
     checkpoint: bool | None = None
     """Keep the run's final checkpoint (null: yes, except for --dry_run). A run stopped early always keeps it."""
     keep_checkpoints: int = checked(at_least(0, "the newest K complete checkpoints are kept; 0: all"), 0)

@@ -239,3 +239,16 @@ def test_bf16_auto_follows_the_machine_and_the_job(tmp_path, monkeypatch):
         assert plan.ds_config["bf16"]["enabled"] is expect
         assert any("bf16.enabled" in n and "train.bf16 = auto" in n for n in plan.notes), plan.notes
         assert make_plan("jobs/demo.yaml").ds_config["bf16"]["enabled"] is False  # unset: fp32
+
+
+def test_compile_is_planned_for_data_parallel_and_refused_elsewhere():
+    """train.compile (DeepSpeed's engine.compile) runs for data parallelism; a layout it was not made for
+    is refused by the plan with the field to change (a compiled run is measured in docs/benchmarks.md:
+    the suite cannot afford its minutes of inductor compilation on 2 cores)."""
+    from launcher.errors import LabsError
+    from launcher.plan import make_plan
+    plan = make_plan("jobs/fine_tune_dry_run.yaml", ds_config="ds_configs/zero2.json", sets=["train.compile=true"],
+                     dry_run=True)
+    assert plan.job.train.compile is True
+    with pytest.raises(LabsError, match="train.compile = true with world 2 = .*pp 2.*set train.compile to false"):
+        make_plan("jobs/fine_tune_pipeline.yaml", sets=["train.compile=true"], dry_run=True)
