@@ -249,11 +249,10 @@ def resume_under(ckpt_dir: Path, cfg: dict[str, Any], now: dict[str, Any], run_d
     saved, tag = check_resume(ckpt_dir, now, run_dir)
     was = saved.layout_key()
     diffs = changes(was, now)
+    # the data-parallel size may differ from the one the run's config was written for (an earlier resume)
+    notes = keep_global_batch(cfg, saved_global_batch(saved, run_dir), now["data-parallel size"], path)
     if not diffs:
-        return saved, tag, []
-    notes = []
-    if was["data-parallel size"] != now["data-parallel size"]:
-        notes += keep_global_batch(cfg, saved_global_batch(saved, run_dir), now["data-parallel size"], path)
+        return saved, tag, notes
     from launcher import reshard  # no torch at import
     why = reshard.problem(tag)
     change = ", ".join(f"{k} {was[k]} -> {now[k]}" for k in diffs)
