@@ -165,10 +165,12 @@ class DataParallel(EngineAccess):
         parameters, so they come from the checkpoint through DeepSpeed's zero_to_fp32."""
         if dist.get_rank() != 0:
             return None
+        from launcher.reshard import check_whole  # never an empty (ZeRO-3 placeholder) tensor, e.g. a LoRA adapter
         if self.stage == 3:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
-        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            return check_whole(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name),
+                               str(ckpt_dir))
+        return check_whole({k: v.detach().clone() for k, v in self.module.state_dict().items()}, str(ckpt_dir))
 
     def shard_info(self) -> dict[str, Any]:
         return {"strategy": self.name, "zero_stage": self.stage, **self.meter.report(self.engine)}

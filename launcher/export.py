@@ -39,11 +39,12 @@ def consolidated(manifest: checkpoints.Manifest, tag_dir: Path) -> dict:
         raise LabsError(f"{tag_dir}: a {'pipeline' if manifest.pp > 1 else 'tensor'}-parallel checkpoint "
                         f"(pp {manifest.pp}, tp {manifest.tp}) is stored per stage / per shard, which `labs export` "
                         f"does not reassemble yet; the run's hf/ folder holds its final weights")
+    from launcher.reshard import check_whole
     if manifest.zero_stage == 0:
         sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-        return {k: v.float() for k, v in sd.items()}
+        return check_whole({k: v.float() for k, v in sd.items()}, str(tag_dir))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return check_whole(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name), str(tag_dir))
 
 
 def export_run(run_dir: str | Path, step: int | None = None, out: str | Path | None = None,

@@ -92,6 +92,18 @@ def estimate(tag_dir: Path) -> tuple[int, float]:
     return out, 3.0 + (source + out) / 150e6
 
 
+def check_whole(state: dict, where: str) -> dict:
+    """A consolidated state dict holds every tensor whole. Under ZeRO-3 a parameter read off the live
+    model is an empty placeholder (its data lives in the ranks' partitions): PEFT's save_pretrained
+    there writes an empty adapter without a word. Refuse such a state instead of writing it."""
+    empty = [k for k, v in state.items() if hasattr(v, "numel") and v.numel() == 0]
+    if empty:
+        raise RuntimeError(f"{where}: {len(empty)} tensor(s) are empty ({', '.join(empty[:4])}...): ZeRO-3 "
+                           f"partitions read off the live model instead of the consolidated checkpoint; "
+                           f"nothing written")
+    return state
+
+
 # ---------------------------------------------------------------- reading a checkpoint of any ZeRO stage
 
 def _load(path: Path) -> dict:

@@ -199,3 +199,12 @@ def test_lora_zero3_resumed_on_one_rank_zero0_carries_adapters_and_their_optimiz
     assert 0 < meta["trained"] < meta["parameters"]  # the adapters are trained, the base is carried frozen
     a, b = _adapter(ref), _adapter(run)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_a_state_with_an_empty_tensor_is_never_exported():
+    """What PEFT's save_pretrained would write off a live ZeRO-3 model: placeholders of 0 elements."""
+    state = {"base_model.model.q_proj.lora_A.default.weight": torch.empty(0),
+             "base_model.model.q_proj.lora_B.default.weight": torch.ones(4, 8)}
+    with pytest.raises(RuntimeError, match="1 tensor\\(s\\) are empty .*lora_A"):
+        reshard.check_whole(state, "here")
+    assert reshard.check_whole({"w": torch.ones(2)}, "here")["w"].numel() == 2
