@@ -25,7 +25,8 @@ from launcher.errors import LabsError
 from launcher.memory import fmt_bytes
 
 REPO = Path(__file__).resolve().parent.parent
-ALL = ("zero0", "zero1", "zero2", "zero3", "pipeline", "model_parallel", "tensor_parallel")
+ALL = ("zero0", "zero1", "zero2", "zero3", "pipeline", "model_parallel", "tensor_parallel", "sequence_parallel",
+       "pipeline_tensor_parallel@4")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -84,8 +85,12 @@ def run_one(args, spec: str, out: Path) -> dict[str, Any]:
         extra.append("ds.gradient_accumulation_steps=auto")
     if name in ("pipeline", "model_parallel") and ranks == 1:
         extra.append("ds.pipeline.stages=1")
-    if name == "tensor_parallel" and ranks == 1:
+    if name in ("tensor_parallel", "pipeline_tensor_parallel") and ranks == 1:
         extra.append("ds.tensor_parallel.autotp_size=1")
+    if name == "pipeline_tensor_parallel" and ranks == 1:
+        extra.append("ds.pipeline.stages=1")
+    if name == "sequence_parallel" and ranks == 1:
+        extra.append("ds.sequence_parallel_size=1")
     sets = [*args.sets, *extra]
     ds = f"ds_configs/{name}.json"
     plan = make_plan(args.job, ds_config=ds, hostfile=hostfile, sets=sets)  # refuse before launching
@@ -110,7 +115,7 @@ def run_one(args, spec: str, out: Path) -> dict[str, Any]:
     ranks_info = summ["ranks"]
     stage = plan.zero_stage
     res = {
-        "strategy": spec, "ds_config": ds, "world": lay.world, "dp": lay.dp, "tp": lay.tp, "pp": lay.pp,
+        "strategy": spec, "ds_config": ds, "world": lay.world, "dp": lay.dp, "tp": lay.tp, "pp": lay.pp, "sp": lay.sp,
         "zero_stage": stage, "micro_batches": plan.ds_config["gradient_accumulation_steps"],
         "global_batch": plan.ds_config["train_batch_size"], "steps": summ["steps"],
         "final_loss": summ["final_train_loss"], "eval_loss": summ.get("eval_loss"),
@@ -124,7 +129,7 @@ def run_one(args, spec: str, out: Path) -> dict[str, Any]:
         "state_detail": [r["state_bytes"] for r in ranks_info],
         "params_per_rank": [r["params_local"] for r in ranks_info],
         "formula_mixed_bytes": plan.memory().get(stage),
-        "formula_fp32_bytes": [_fp32_formula(stage, r["params_local"], lay.dp) for r in ranks_info],
+        "formula_fp32_bytes": [_fp32_formula(stage, r["params_local"], lay.dp * lay.sp) for r in ranks_info],
         "params_total": total, "run_dir": str(run_dir), "command": getattr(args, "command", None),
         "memory": summ.get("memory"),
         "memory_ranks": [{k: v for k, v in r.items() if k.startswith("memory_")} for r in ranks_info],
@@ -139,6 +144,10 @@ def _mib(b: float) -> str:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _mb(b: float) -> str:
+    return f"{b / 2**20:.0f} MiB"
 
 
 def repredict(r: dict[str, Any]) -> None:
@@ -169,8 +178,8 @@ def _memory_cells(r: dict[str, Any]) -> str:
     meas, pred = m.get("measured_bytes") or [], m.get("predicted_bytes") or []
     if not meas:
         return "- | - | -"
-    return (" / ".join(_mib(b) if b is not None else "-" for b in meas) + " | "
-            + " / ".join(_mib(b) if b is not None else "-" for b in pred) + " | "
+    return (" / ".join(_mb(b) if b is not None else "-" for b in meas) + " | "
+            + " / ".join(_mb(b) if b is not None else "-" for b in pred) + " | "
             + " / ".join(f"{p / b:.2f}" if p and b else "-" for p, b in zip(pred, meas, strict=True)))
 
 
@@ -187,9 +196,9 @@ def _memory_table(results: list[dict[str, Any]]) -> list[str]:
         for k, (b, p) in enumerate(zip(m["measured_bytes"], m["predicted_bytes"], strict=True)):
             parts = (m.get("predicted_parts") or [None] * (k + 1))[k] or {}
             ratio = p / b if p and b else None
-            out.append(f"| {r['strategy']} | {k} | {_mib(b) if b else '-'} | {_mib(p) if p else '-'} "
+            out.append(f"| {r['strategy']} | {k} | {_mb(b) if b else '-'} | {_mb(p) if p else '-'} "
                        f"| {f'{ratio:.2f}' if ratio else '-'} | {'yes' if ratio and 0.8 <= ratio <= 1.2 else 'NO'} "
-                       f"| {', '.join(f'{n} {_mib(v)}' for n, v in parts.items() if v)} |")
+                       f"| {', '.join(f'{n} {_mb(v)}' for n, v in parts.items() if v)} |")
     return out
 
 
@@ -204,7 +213,7 @@ def write_report(results: list[dict[str, Any]], out: Path, job: str, steps: int,
         d = r["state_detail"][0]
         parts = " + ".join(_mib(d[k]) for k in ("params", "master", "grads", "optimizer"))
         rows.append(
-            f"| {r['strategy']} | {r['world']} ({r['dp']} x {r['tp']} x {r['pp']}) | {r['micro_batches']} "
+            f"| {r['strategy']} | {r['world']} ({r['dp']} x {r['tp']} x {r['pp']}{' x sp ' + str(r['sp']) if r.get('sp', 1) > 1 else ''}) | {r['micro_batches']} "
             f"| {r['tokens_per_s']:.0f} | {fmt_flops(r['flops_per_s']) if r.get('flops_per_s') else '-'} "
             f"| {_pct(r.get('mfu'))} | {r['step_time_s']:.3f} s "
             f"| {' / '.join(_mib(b) for b in r['peak_rss_bytes'])} | {_memory_cells(r)} "
@@ -241,7 +250,7 @@ def write_report(results: list[dict[str, Any]], out: Path, job: str, steps: int,
             "(launcher/memory.py predict: model states for the run's precision, activations and logits, "
             "communication buffers, optimizer-step temporaries, the task's runtime); the issue's target is a "
             "ratio within 0.8-1.2.", "",
-            *_memory_table(results), ""
+            *_memory_table(results), "",
             "![loss curves](loss.png)", "", "![throughput](throughput.png)", "", "![memory per rank](memory.png)", "", "![peak memory per rank, predicted vs measured](peak_memory.png)", ""]
     (out / "report.md").write_text("\n".join(text))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -332,7 +341,8 @@ def run(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
     if args.report_only:
         results = json.loads((out / "results.json").read_text())
         for r in results:  # the formula as of this version; the command that measured them
-            r["formula_fp32_bytes"] = [_fp32_formula(r["zero_stage"], n, r["dp"]) for n in r["params_per_rank"]]
+            r["formula_fp32_bytes"] = [_fp32_formula(r["zero_stage"], n, r["dp"] * r.get("sp", 1))
+                                       for n in r["params_per_rank"]]
             repredict(r)
         command = results[0].get("command", command) if results else command
         args.steps = results[0]["steps"] if results else args.steps

@@ -127,6 +127,7 @@ class Setup:
     max_live: int = 1_000_000_000
     device: str = "cpu"
     trainable: int | None = None  # LoRA: the adapters (the base is frozen)
+    datasets: bool = True  # the data comes through datasets.load_dataset (all but the built-in text sample)
 
     @property
     def world(self) -> int:
@@ -233,24 +234,26 @@ def activation_bytes(shape: Shape, setup: Setup, blocks: int, last: bool) -> tup
     Llama keeps about 13h + 4i elements (norm inputs and outputs, q/k/v and their rotated copies, the
     attention output, gate/up/SiLU/product of the MLP; SDPA's flash path keeps no s x s matrix); with
     activation checkpointing only each block's input (h) and one block recomputed. Logits: the fp32 logits,
-    their log-softmax and the two gradients, 16 B per token and vocabulary entry (the pipeline's loss adds
-    one reshaped copy). AutoTP splits the q/k/v/MLP activations by tp; sequence parallelism the tokens."""
+    their log-softmax and the two gradients, 16 B per token and vocabulary entry. AutoTP splits the q/k/v/MLP activations by tp; sequence parallelism the tokens."""
     e = 4 if setup.precision == "fp32" else 2
     tokens = setup.micro * setup.seq // setup.sp
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * (shape.hidden // shape.heads)
     per_block = tokens * e * (6 * h + (7 * h + 2 * kv - 2 * h + 4 * i) // setup.tp)  # 13h + 4i for MHA, tp 1
     acts = blocks * tokens * e * h + per_block if setup.checkpointing else blocks * per_block
     acts += tokens * e * 2 * h  # embedding output, final norm
-    logits = tokens * shape.vocab * (20 if setup.pp > 1 else 16) // (setup.tp if setup.pp == 1 else 1) if last else 0
+    logits = tokens * shape.vocab * 16 // (setup.tp if setup.pp == 1 else 1) if last else 0
     return acts, logits
 
 
 # Calibration on this machine (llama-small, fp32, 2 ranks, block_size 64 and 512: docs/strategies.md): the
 # parts no formula above covers, in the units that explain them.
-RUNTIME_CPU = 125 * MiB
+RUNTIME_CPU = 58 * MiB
 """What a CPU rank adds above the framework's imports before its model: tokenizer, the tokenized data,
-gloo and DeepSpeed's shared-memory all-reduce workspace (measured: the rank's RSS after building the
-task minus the model's fp32 parameters, 120-130 MiB for llama-small on WikiText-2)."""
+gloo, Python objects (measured: the rank's RSS after building the task minus the model's fp32 parameters,
+55-60 MiB for llama-tiny on the built-in text sample)."""
+DATASETS_CPU = 67 * MiB
+"""Data read through `datasets.load_dataset` (every source but the built-in text sample): its tables and
+builder, measured 120-130 MiB in all for llama-small on WikiText-2, i.e. this much above RUNTIME_CPU."""
 ZERO_COPIES = {1: 2.0, 2: 2.0, 3: 7.4}
 """ZeRO's optimizers flatten the parameters into their bit16 groups, keep fp32 gradient partitions and copy
 them around the step: measured on CPU, two fp32 copies of the rank's parameters at stages 1-2 and, at stage 3
@@ -274,8 +277,8 @@ def _rank_parts(shape: Shape, setup: Setup, k: int) -> tuple[int, dict[str, int]
     trained = setup.trainable if setup.trainable is not None else P
     opt_p = trained if setup.stage == 0 else trained // setup.dp
     buffers = 0
-    if setup.stage == 0 and setup.dp > 1:
-        buffers += 4 * trained  # the gradients flattened into one all-reduce buffer
+    if setup.stage == 0 and (setup.dp > 1 or setup.pp > 1):
+        buffers += 4 * trained  # the gradients flattened into one all-reduce buffer (the pipeline engine's even at dp 1)
     elif setup.stage >= 1:  # ZeRO's reduce bucket (touched up to the gradients it holds), any dp
         buffers += 4 * min(setup.reduce_bucket, trained)
     if setup.stage == 3:
@@ -285,7 +288,7 @@ def _rank_parts(shape: Shape, setup: Setup, k: int) -> tuple[int, dict[str, int]
     if setup.stage >= 1:
         parts["ZeRO flat copies"] = int(ZERO_COPIES[min(setup.stage, 3)] * 4 * trained // (setup.dp if setup.stage == 3 else 1))
     if setup.device == "cpu":
-        parts["runtime (data, tokenizer, gloo)"] = RUNTIME_CPU
+        parts["runtime (data, tokenizer, gloo)"] = RUNTIME_CPU + (DATASETS_CPU if setup.datasets else 0)
         full = shape.params
         if setup.pp > 1:  # the rest of the HF model stays referenced on every stage
             parts["the HF model's other stages"] = BUILT_BYTES * (full - P)
@@ -394,6 +397,7 @@ def predict_run(job, cfg: dict, layout, baseline: int | None = None) -> Predicti
     if shape is None:
         return None
     setup = Setup.of(cfg, layout, job.data.block_size, trainable_of_job(job))
+    setup.datasets = not (job.data.dataset == "sample" and not job.data.train_files)
     return Prediction(shape, setup, predict(shape, setup, baseline or 0), "this config")
 
 
@@ -492,7 +496,7 @@ def fits(budget: int, shape: Shape, setup: Setup, baseline: int) -> list[tuple[s
     off/on) whose predicted peak per rank is within `budget`, fastest first: (name, setup, peak, seconds)."""
     flops, bw = machine_speed(setup.precision)
     out = []
-    for name, alt in [("this config", setup), *alternatives(shape, setup)]:
+    for name, alt in [("this config", setup), *[(n, a) for n, a in alternatives(shape, setup) if a != setup]]:
         global_batch = alt.micro * alt.grad_accum * alt.dp
         micros = sorted({m for m in (alt.micro, *(2**k for k in range(12))) if m <= global_batch
                          and global_batch % (m * alt.dp) == 0 and (name != "model_parallel" or m == alt.micro)},
@@ -521,6 +525,16 @@ def parse_size(text: str) -> int:
 def free_memory_per_rank(ranks_here: int) -> tuple[int, str]:
     """This machine's available memory (MemAvailable; a GPU's total memory with DS_ACCELERATOR set to one)
     divided among the ranks the hostfile starts here."""
+    if os.environ.get("DS_ACCELERATOR", "cpu") not in ("cpu", ""):
+        import shutil
+        import subprocess
+        if shutil.which("nvidia-smi"):  # the GPU's memory (each rank has one); no torch import in the plan
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=20).stdout.split()
+                return int(out[0]) * MiB, f"GPU memory {fmt_bytes(int(out[0]) * MiB)} (nvidia-smi)"
+            except (subprocess.SubprocessError, ValueError, IndexError, OSError):
+                pass
     avail = 0
     try:
         for line in open("/proc/meminfo"):
@@ -674,7 +688,8 @@ def _short_parts(rm: RankMemory) -> str:
     groups: dict[str, int] = {"framework": rm.baseline}
     for k, v in rm.parts.items():
         key = ("model states" if k.startswith("model states") else "activations" if k.startswith(("activations", "logits"))
-               else "buffers" if k.startswith(("communication", "optimizer step")) else "runtime")
+               else "buffers" if k.startswith("communication") else "temporaries" if k.startswith(("optimizer", "ZeRO"))
+               else "model as built" if k.startswith("the HF model") else "runtime")
         groups[key] = groups.get(key, 0) + v
     return " + ".join(f"{k} {fmt_bytes(v)}" for k, v in groups.items() if v)
 

@@ -106,6 +106,14 @@ MEASURED_PEAKS = {
     ("llama-small", "pipeline", 64): [451, 554],
     ("llama-small", "model_parallel", 64): [410, 610],
     ("llama-small", "tensor_parallel", 64): [835, 812],
+    ("llama-small", "zero0", 512): [1135, 1241],
+    ("llama-small", "zero1", 512): [1179, 1195],
+    ("llama-small", "zero2", 512): [1130, 1169],
+    ("llama-small", "zero3", 512): [1398, 1326],
+    ("llama-small", "zero3_offload", 512): [1444, 1381],
+    ("llama-small", "pipeline", 512): [551, 1100],
+    ("llama-small", "model_parallel", 512): [599, 2648],
+    ("llama-small", "tensor_parallel", 512): [1112, 1110],
 }
 
 
