@@ -10,7 +10,8 @@ short by a kill) are never loaded and are removed before the next run starts.
 
 A resume under another data-parallel size, ZeRO stage, offload or precision converts the checkpoint
 once (launcher/reshard.py) and keeps the run's global batch (`resume_under`, called by the plan);
-another tensor-parallel size or number of pipeline stages is refused (not converted yet).
+another number of pipeline stages converts too (weights named through the task's layer list);
+another tensor-parallel size is refused (not converted yet).
 
 No torch here: `labs plan` reads manifests to check a resume before any rank starts.
 """
@@ -55,13 +56,13 @@ class Manifest:
 
 def layout_key(dp: int, tp: int, pp: int, zero_stage: int, precision: str, offload: bool = False) -> dict[str, Any]:
     """What a checkpoint's files depend on: resuming under another value needs a conversion (or,
-    for the tensor-parallel size and pipeline stages, is refused)."""
+    for the tensor-parallel size, is refused)."""
     return {"data-parallel size": dp, "tensor-parallel size": tp, "pipeline stages": pp,
             "ZeRO stage": zero_stage, "offload": offload, "precision": precision}
 
 
-NOT_CONVERTIBLE = ("tensor-parallel size", "pipeline stages")
-"""Layout keys a conversion cannot change yet (their checkpoints are stored per shard / per stage)."""
+NOT_CONVERTIBLE = ("tensor-parallel size",)
+"""Layout keys a conversion cannot change yet (AutoTP checkpoints hold row/column shards)."""
 
 
 def changes(was: dict[str, Any], will: dict[str, Any]) -> list[str]:
@@ -195,7 +196,8 @@ def check_resume(ckpt_dir: Path, now: dict[str, Any], run_dir: Path) -> tuple[Ma
         raise LabsError(f"--resume {run_dir}: checkpoint {path.name} was saved with "
                         + ", ".join(f"{k} {v}" for k, v in was.items())
                         + f"; this launch changes {', '.join(f'{k} {was[k]} -> {now[k]}' for k in diffs)}. "
-                        f"A checkpoint converts to another data-parallel size, ZeRO stage, offload or precision, "
+                        f"A checkpoint converts to another data-parallel size, ZeRO stage, offload, precision or "
+                        f"number of pipeline stages, "
                         f"not yet to another {' or '.join(k for k in NOT_CONVERTIBLE if k in diffs)}: keep "
                         f"{', '.join(f'{k} {was[k]}' for k in NOT_CONVERTIBLE if k in diffs)} (the run's own "
                         f"ds_config, {run_dir}/ds_config.json), or start a new run")

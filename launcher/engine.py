@@ -106,16 +106,17 @@ class EngineAccess:
         from launcher.errors import LabsError
         log = logging.getLogger("labs")
         was = saved.layout_key()
-        if any(k in checkpoints.NOT_CONVERTIBLE for k in diffs) or self.layout.tp > 1 or self.layout.pp > 1:
+        if any(k in checkpoints.NOT_CONVERTIBLE for k in diffs) or self.layout.tp > 1:
             raise LabsError(f"{tag_dir}: saved with {', '.join(f'{k} {was[k]}' for k in diffs)}, resumed with "
-                            f"{', '.join(f'{k} {now[k]}' for k in diffs)}: a conversion to or from tensor or "
-                            f"pipeline parallelism is not supported yet")
+                            f"{', '.join(f'{k} {now[k]}' for k in diffs)}: a conversion to or from tensor "
+                            f"parallelism is not supported yet")
         log.info("resume: %s saved with %s; this run has %s: converting", tag_dir.name,
                  ", ".join(f"{k} {was[k]}" for k in diffs), ", ".join(f"{k} {now[k]}" for k in diffs))
         box: list[Any] = [None]
         if dist.get_rank() == 0:
             try:
-                reshard.ensure(tag_dir, saved, say=lambda m: log.info("%s", m))
+                reshard.ensure(tag_dir, saved, say=lambda m: log.info("%s", m),
+                               model=getattr(self, "hf_model", None) or self.module)  # names a pipeline's layers
             except Exception as e:  # every rank stops with rank 0's reason
                 box[0] = f"{e}" if isinstance(e, LabsError) else f"{type(e).__name__}: {e}"
                 if not isinstance(e, LabsError):

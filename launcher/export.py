@@ -4,8 +4,9 @@ on one process, after the fact.
 The run's own job.yaml says which task and model; the task builds the model (no data beyond a sample
 row) and writes it exactly as the run's end does (`task.export`: safetensors, the PEFT adapter for
 LoRA runs, the merged model with `merge`). Weights come from the checkpoint: ZeRO-0 keeps them whole
-in `mp_rank_00_model_states.pt`; ZeRO-1/2/3 partitions are consolidated by DeepSpeed's zero_to_fp32.
-Pipeline and tensor-parallel checkpoints hold per-stage / per-shard files that this does not yet
+in `mp_rank_00_model_states.pt`; ZeRO-1/2/3 partitions are consolidated by DeepSpeed's zero_to_fp32;
+a pipeline's `layer_XX-model_states.pt` files are read one at a time and named through the task's
+pipeline layer list. Tensor-parallel checkpoints hold row/column shards that this does not yet
 reassemble: refused with the reason (their run's `hf/` holds the final weights).
 """
 
@@ -33,13 +34,14 @@ def pick(run_dir: Path, step: int | None) -> tuple[checkpoints.Manifest, Path]:
                     f"{', '.join(str(m.step) for m, _ in found)}")
 
 
-def consolidated(manifest: checkpoints.Manifest, tag_dir: Path) -> dict:
+def consolidated(manifest: checkpoints.Manifest, tag_dir: Path, model=None) -> dict:
     import torch
-    if manifest.pp > 1 or manifest.tp > 1:
-        raise LabsError(f"{tag_dir}: a {'pipeline' if manifest.pp > 1 else 'tensor'}-parallel checkpoint "
-                        f"(pp {manifest.pp}, tp {manifest.tp}) is stored per stage / per shard, which `labs export` "
-                        f"does not reassemble yet; the run's hf/ folder holds its final weights")
-    from launcher.reshard import check_whole
+    if manifest.tp > 1:
+        raise LabsError(f"{tag_dir}: a tensor-parallel checkpoint (tp {manifest.tp}) is stored per shard, which "
+                        f"`labs export` does not reassemble yet; the run's hf/ folder holds its final weights")
+    from launcher.reshard import _pipeline_weights, check_whole, pipeline_names
+    if manifest.pp > 1:  # one layer file at a time, named through the task's pipeline layer list
+        return check_whole(_pipeline_weights(tag_dir, pipeline_names(model)), str(tag_dir))
     if manifest.zero_stage == 0:
         sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         return check_whole({k: v.float() for k, v in sd.items()}, str(tag_dir))
@@ -71,7 +73,7 @@ def export_run(run_dir: str | Path, step: int | None = None, out: str | Path | N
     job.data.max_train_samples, job.data.max_eval_samples = 1, 1  # the model is what is wanted
     task = get_task(job.task)
     parts = task.build(job, options, dry_run=False)
-    state = consolidated(manifest, tag_dir)
+    state = consolidated(manifest, tag_dir, parts.model)
     target = Path(out) if out else run_dir / f"hf-{'merged-' if merge else ''}step{manifest.step}"
     task.export(parts, state, target)
     return target

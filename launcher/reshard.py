@@ -158,23 +158,40 @@ def _step_value(v) -> int:
     return int(v.item()) if hasattr(v, "item") else int(v)
 
 
-def read_source(tag_dir: Path, manifest: checkpoints.Manifest) -> tuple[dict, dict, dict]:
-    """(weights, moments {"exp_avg": {...}, "exp_avg_sq": {...}}, engine state) of a checkpoint."""
-    import torch
-    if manifest.pp > 1 or manifest.tp > 1:
-        raise LabsError(f"{tag_dir}: a {'pipeline' if manifest.pp > 1 else 'tensor'}-parallel checkpoint "
-                        f"(pp {manifest.pp}, tp {manifest.tp}) cannot be converted yet; resume it under its own "
-                        f"pipeline.stages / tensor_parallel.autotp_size")
+def pipeline_names(model) -> dict[str, str]:
+    """Pipeline parameter name (`<layer index>.<name in the layer>`, as a PipelineModule and its
+    `layer_XX-model_states.pt` files have them) -> the HF model's name, from the task's layer list
+    (tasks/pipeline_layers.py), whose layers wrap the model's own submodules."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    from tasks.pipeline_layers import pipeline_layers
+    ids: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        ids.setdefault(id(p), n)
+    out = {}
+    for i, layer in enumerate(pipeline_layers(model, "model")):
+        if isinstance(layer, TiedLayerSpec):
+            raise LabsError("a pipeline with tied layers (GPT-2's embedding and head) cannot be converted yet")
+        if isinstance(layer, LayerSpec):
+            layer = layer.build()
+        for n, p in layer.named_parameters():
+            out[f"{i}.{n}"] = ids[id(p)]
+    return out
+
+
+def _read_optimizer(tag_dir: Path, manifest: checkpoints.Manifest, mp: int) -> tuple[dict, dict, list, list, dict | None]:
+    """One model-parallel rank's files (mp: the pipeline stage; 0 without a pipeline): (its model-states
+    dict, moments, Adam step counts, learning rates, fp32 master weights merged from ZeRO partitions or None)."""
     stage = manifest.zero_stage
-    model_file = tag_dir / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt")
+    model_file = tag_dir / (f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt" if stage == 3
+                            else f"mp_rank_{mp:02d}_model_states.pt")
     sd = _load(model_file)
-    names = list(sd.get("labs_params") or [])
     moments: dict[str, dict] = {k: {} for k in MOMENTS}
     if stage == 0:
         if not isinstance(sd.get("optimizer"), dict) or "state" not in sd["optimizer"]:
             raise LabsError(f"{model_file}: no optimizer state of a plain (ZeRO-0 fp32) optimizer in it; "
                             f"{manifest.precision} ZeRO-0 checkpoints cannot be converted yet")
-        weights = {k: v.float().clone() for k, v in sd["module"].items()}
+        names = list(sd.get("labs_params") or [])
         opt = sd["optimizer"]
         order = [i for g in opt["param_groups"] for i in g["params"]]
         if len(names) != len(order):
@@ -187,36 +204,78 @@ def read_source(tag_dir: Path, manifest: checkpoints.Manifest) -> tuple[dict, di
                 for k in MOMENTS:
                     moments[k][name] = st[k].float().clone()
                 steps.append(_step_value(st["step"]))
-        lrs = [g["lr"] for g in opt["param_groups"]]
+        return sd, moments, steps, [g["lr"] for g in opt["param_groups"]], None
+    files = sorted(tag_dir.glob(f"*_mp_rank_{mp:02d}_optim_states.pt"), key=lambda p: int(p.name.split("_")[3]))
+    if len(files) != manifest.dp:
+        raise LabsError(f"{tag_dir}: {len(files)} optimizer-state files for a data-parallel size of {manifest.dp}")
+    opts = [_load(f)["optimizer_state_dict"] for f in files]
+    inner = "base_optimizer_state" if stage < 3 else "optimizer_state_dict"
+    shapes = sd["param_shapes"]
+    per_rank: dict[str, list] = {}
+    for key, pick in (("fp32", lambda o: o["single_partition_of_fp32_groups" if stage < 3 else "fp32_flat_groups"]),
+                      *((k, lambda o, k=k: [o[inner]["state"][g][k] for g in sorted(o[inner]["state"])])
+                        for k in MOMENTS)):
+        per_rank[key] = [pick(o) for o in opts]
+    merge = ((lambda r: _merge_zero12(shapes, opts[0].get("param_alignment_paddings"), r)) if stage < 3
+             else (lambda r: _merge_zero3(shapes, r)))
+    master = merge(per_rank.pop("fp32"))
+    for k in MOMENTS:
+        moments[k] = merge(per_rank[k])
+    steps = [_step_value(o[inner]["state"][g]["step"]) for o in opts for g in o[inner]["state"]]
+    return sd, moments, steps, [g["lr"] for g in opts[0][inner]["param_groups"]], master
+
+
+def _pipeline_weights(tag_dir: Path, rename: dict[str, str]) -> dict:
+    """The HF model's weights from a pipeline checkpoint's `layer_XX-model_states.pt` files, one at a time."""
+    weights = {}
+    for f in sorted(tag_dir.glob("layer_*-model_states.pt")):
+        i = int(f.name[6:8])
+        for k, v in _load(f).items():
+            if f"{i}.{k}" not in rename:
+                raise LabsError(f"{f}: holds {k}, which layer {i} of this model's pipeline does not have: "
+                                f"the checkpoint was saved from another model")
+            weights[rename[f"{i}.{k}"]] = v.float().clone()
+    return weights
+
+
+def read_source(tag_dir: Path, manifest: checkpoints.Manifest, model=None) -> tuple[dict, dict, dict]:
+    """(weights, moments {"exp_avg": {...}, "exp_avg_sq": {...}}, engine state) of a checkpoint, under
+    the HF model's parameter names. A pipeline checkpoint needs the (task's) model to name its layers."""
+    import torch
+    if manifest.tp > 1:
+        raise LabsError(f"{tag_dir}: a tensor-parallel checkpoint (tp {manifest.tp}) cannot be converted yet; "
+                        f"resume it under its own tensor_parallel.autotp_size")
+    stage = manifest.zero_stage
+    if manifest.pp > 1:
+        if model is None:
+            raise LabsError(f"{tag_dir}: a pipeline checkpoint needs the model to name its layers")
+        rename = pipeline_names(model)
+        weights = _pipeline_weights(tag_dir, rename)
+        moments: dict[str, dict] = {k: {} for k in MOMENTS}
+        steps, master = [], {}
+        for mp in range(manifest.pp):
+            sd_mp, mom, st, lrs_mp, mast = _read_optimizer(tag_dir, manifest, mp)
+            if mp == 0:
+                sd, lrs = sd_mp, lrs_mp
+            for k in MOMENTS:
+                moments[k].update({rename[n]: t for n, t in mom[k].items()})
+            master.update({rename[n]: t for n, t in (mast or {}).items()})
+            steps += st
     else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        files = sorted(tag_dir.glob("*_optim_states.pt"), key=lambda p: int(p.name.split("_")[3]))
-        if len(files) != manifest.dp:
-            raise LabsError(f"{tag_dir}: {len(files)} optimizer-state files for a data-parallel size of {manifest.dp}")
-        opts = [_load(f)["optimizer_state_dict"] for f in files]
-        inner = "base_optimizer_state" if stage < 3 else "optimizer_state_dict"
-        shapes = sd["param_shapes"]
-        per_rank: dict[str, list] = {}
-        for key, pick in (("fp32", lambda o: o["single_partition_of_fp32_groups" if stage < 3 else "fp32_flat_groups"]),
-                          *((k, lambda o, k=k: [o[inner]["state"][g][k] for g in sorted(o[inner]["state"])])
-                            for k in MOMENTS)):
-            per_rank[key] = [pick(o) for o in opts]
-        merge = ((lambda r: _merge_zero12(shapes, opts[0].get("param_alignment_paddings"), r)) if stage < 3
-                 else (lambda r: _merge_zero3(shapes, r)))
-        master = merge(per_rank.pop("fp32"))
-        for k in MOMENTS:
-            moments[k] = merge(per_rank[k])
-        try:
-            weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        except Exception as e:
-            raise LabsError(f"{tag_dir}: DeepSpeed's zero_to_fp32 cannot read it ({type(e).__name__}: {e})") from e
-        weights = {k: v.float().clone() for k, v in weights.items()}
-        for name, t in master.items():  # the merge above walks the same layout: a self-check
-            if name not in weights or not torch.equal(weights[name], t):
-                raise LabsError(f"{tag_dir}: merging the ZeRO-{stage} partitions of {name} disagrees with "
-                                f"DeepSpeed's zero_to_fp32; refusing to convert")
-        steps = [_step_value(o[inner]["state"][g]["step"]) for o in opts for g in o[inner]["state"]]
-        lrs = [g["lr"] for g in opts[0][inner]["param_groups"]]
+        sd, moments, steps, lrs, master = _read_optimizer(tag_dir, manifest, 0)
+        if stage == 0:
+            weights = {k: v.float().clone() for k, v in sd["module"].items()}
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            try:
+                weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+            except Exception as e:
+                raise LabsError(f"{tag_dir}: DeepSpeed's zero_to_fp32 cannot read it ({type(e).__name__}: {e})") from e
+            weights = {k: v.float().clone() for k, v in weights.items()}
+    for name, t in (master or {}).items():  # the merge walks the layout DeepSpeed wrote: a self-check
+        if name not in weights or not torch.equal(weights[name], t):
+            raise LabsError(f"{tag_dir}: merging the ZeRO-{stage} partitions of {name} disagrees with the "
+                            f"checkpoint's weights; refusing to convert")
     if len(set(steps)) > 1:
         raise LabsError(f"{tag_dir}: its optimizer states disagree on Adam's step count ({sorted(set(steps))})")
     engine = {"adam_step": steps[0] if steps else 0, "lrs": lrs, "lr_scheduler": sd.get("lr_scheduler"),
@@ -226,11 +285,11 @@ def read_source(tag_dir: Path, manifest: checkpoints.Manifest) -> tuple[dict, di
     return weights, moments, engine
 
 
-def consolidate(tag_dir: Path, manifest: checkpoints.Manifest) -> Path:
+def consolidate(tag_dir: Path, manifest: checkpoints.Manifest, model=None) -> Path:
     """Write `tag_dir/consolidated/` (see the module's docstring); returns it."""
     import torch
     t0 = time.perf_counter()
-    weights, moments, engine = read_source(tag_dir, manifest)
+    weights, moments, engine = read_source(tag_dir, manifest, model)
     final = tag_dir / FOLDER
     tmp = tag_dir / f"{FOLDER}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -248,7 +307,7 @@ def consolidate(tag_dir: Path, manifest: checkpoints.Manifest) -> Path:
     return final
 
 
-def ensure(tag_dir: Path, manifest: checkpoints.Manifest, say=print) -> Path:
+def ensure(tag_dir: Path, manifest: checkpoints.Manifest, say=print, model=None) -> Path:
     """The checkpoint's consolidated folder: reused when intact, else (re)converted. One process."""
     for left in tag_dir.glob(f"{FOLDER}.tmp*"):
         shutil.rmtree(left, ignore_errors=True)
@@ -259,7 +318,7 @@ def ensure(tag_dir: Path, manifest: checkpoints.Manifest, say=print) -> Path:
     size, secs = estimate(tag_dir)
     say(f"resume: converting {tag_dir.name} ({why}) for the new layout: about {size / 1e6:.0f} MB, ~{secs:.0f} s")
     t0 = time.perf_counter()
-    folder = consolidate(tag_dir, manifest)
+    folder = consolidate(tag_dir, manifest, model)
     say(f"resume: converted into {folder} in {time.perf_counter() - t0:.1f} s")
     return folder
 
@@ -310,12 +369,15 @@ def load_into(strategy, folder: Path) -> dict[str, Any]:
     moments = {k: torch.load(folder / f"{k}.pt", map_location="cpu", mmap=True, weights_only=True) for k in MOMENTS}
     state = torch.load(folder / "engine.pt", map_location="cpu", weights_only=False)
     named = list(engine.module.named_parameters())
+    hf_of = getattr(strategy, "names", None)  # a pipeline stage: id(param) -> its names in the HF model
+    if hf_of is not None:
+        named = [(hf_of[id(p)][0], p) for _, p in named]
     missing = [n for n, _ in named if n not in weights]
     if missing:
         raise LabsError(f"{folder}: the checkpoint has no weights for {len(missing)} parameter(s) of this model "
                         f"({', '.join(missing[:4])}...): it was saved from another model")
     trained_now = sorted(n for n, p in named if p.requires_grad)
-    if trained_now != state["trained"]:
+    if not set(trained_now) <= set(state["trained"]) or (hf_of is None and trained_now != state["trained"]):
         raise LabsError(f"{folder}: the checkpoint trained {len(state['trained'])} parameters, this run trains "
                         f"{len(trained_now)}: another model or LoRA set-up")
     _prime_optimizer_state(engine, state["adam_step"])
