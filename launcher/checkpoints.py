@@ -10,8 +10,8 @@ short by a kill) are never loaded and are removed before the next run starts.
 
 A resume under another data-parallel size, ZeRO stage, offload or precision converts the checkpoint
 once (launcher/reshard.py) and keeps the run's global batch (`resume_under`, called by the plan);
-another number of pipeline stages converts too (weights named through the task's layer list);
-another tensor-parallel size is refused (not converted yet).
+another number of pipeline stages or tensor-parallel size converts too (pipeline layers named
+through the task's layer list, AutoTP shards joined along their split dimension).
 
 No torch here: `labs plan` reads manifests to check a resume before any rank starts.
 """
@@ -55,14 +55,13 @@ class Manifest:
 
 
 def layout_key(dp: int, tp: int, pp: int, zero_stage: int, precision: str, offload: bool = False) -> dict[str, Any]:
-    """What a checkpoint's files depend on: resuming under another value needs a conversion (or,
-    for the tensor-parallel size, is refused)."""
+    """What a checkpoint's files depend on: resuming under another value needs a conversion."""
     return {"data-parallel size": dp, "tensor-parallel size": tp, "pipeline stages": pp,
             "ZeRO stage": zero_stage, "offload": offload, "precision": precision}
 
 
-NOT_CONVERTIBLE = ("tensor-parallel size",)
-"""Layout keys a conversion cannot change yet (AutoTP checkpoints hold row/column shards)."""
+NOT_CONVERTIBLE: tuple[str, ...] = ()
+"""Layout keys a conversion cannot change (none: dp, tp, pp, ZeRO stage, offload and precision all convert)."""
 
 
 def changes(was: dict[str, Any], will: dict[str, Any]) -> list[str]:

@@ -106,9 +106,9 @@ class EngineAccess:
         from launcher.errors import LabsError
         log = logging.getLogger("labs")
         was = saved.layout_key()
-        if any(k in checkpoints.NOT_CONVERTIBLE for k in diffs) or self.layout.tp > 1:
+        if any(k in checkpoints.NOT_CONVERTIBLE for k in diffs) or (self.layout.tp > 1 and self.layout.pp > 1):
             raise LabsError(f"{tag_dir}: saved with {', '.join(f'{k} {was[k]}' for k in diffs)}, resumed with "
-                            f"{', '.join(f'{k} {now[k]}' for k in diffs)}: a conversion to or from tensor "
+                            f"{', '.join(f'{k} {now[k]}' for k in diffs)}: a conversion to pipeline x tensor "
                             f"parallelism is not supported yet")
         log.info("resume: %s saved with %s; this run has %s: converting", tag_dir.name,
                  ", ".join(f"{k} {was[k]}" for k in diffs), ", ".join(f"{k} {now[k]}" for k in diffs))

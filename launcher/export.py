@@ -6,8 +6,8 @@ row) and writes it exactly as the run's end does (`task.export`: safetensors, th
 LoRA runs, the merged model with `merge`). Weights come from the checkpoint: ZeRO-0 keeps them whole
 in `mp_rank_00_model_states.pt`; ZeRO-1/2/3 partitions are consolidated by DeepSpeed's zero_to_fp32;
 a pipeline's `layer_XX-model_states.pt` files are read one at a time and named through the task's
-pipeline layer list. Tensor-parallel checkpoints hold row/column shards that this does not yet
-reassemble: refused with the reason (their run's `hf/` holds the final weights).
+pipeline layer list; AutoTP's row/column shards are joined along the dimension DeepSpeed's
+`universal_checkpoint_info` records (launcher/reshard.py).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ def pick(run_dir: Path, step: int | None) -> tuple[checkpoints.Manifest, Path]:
 
 def consolidated(manifest: checkpoints.Manifest, tag_dir: Path, model=None) -> dict:
     import torch
-    if manifest.tp > 1:
-        raise LabsError(f"{tag_dir}: a tensor-parallel checkpoint (tp {manifest.tp}) is stored per shard, which "
-                        f"`labs export` does not reassemble yet; the run's hf/ folder holds its final weights")
-    from launcher.reshard import _pipeline_weights, check_whole, pipeline_names
+
+    from launcher.reshard import _pipeline_weights, check_whole, pipeline_names, read_source
+    if manifest.tp > 1:  # AutoTP shards joined along their split dimension
+        return check_whole(read_source(tag_dir, manifest, model)[0], str(tag_dir))
     if manifest.pp > 1:  # one layer file at a time, named through the task's pipeline layer list
         return check_whole(_pipeline_weights(tag_dir, pipeline_names(model)), str(tag_dir))
     if manifest.zero_stage == 0:

@@ -238,15 +238,66 @@ def _pipeline_weights(tag_dir: Path, rename: dict[str, str]) -> dict:
     return weights
 
 
+def _tp_split_dim(name: str, shard_shape, info: dict, tp: int) -> int | None:
+    """The dimension AutoTP split parameter `name` along (None: replicated on every tensor-parallel
+    rank), from the `universal_checkpoint_info` DeepSpeed stores with an AutoTP checkpoint:
+    row-parallel layers (o_proj, down_proj) split their input columns (dim 1), a vocabulary-parallel
+    head its rows, replicated ones (embeddings, norms) none; every other AutoTP layer is
+    column-parallel (q/k/v, gate/up: their output rows, dim 0)."""
+    import re
+
+    def matches(key: str) -> bool:
+        return any(re.match(pat, name) for pat in info.get(key) or [])
+    for pat, entry in ((info.get("affine_map") or {}).get("params") or {}).items():
+        if re.match(pat, name) and "logical_shape" in entry:
+            diff = [d for d, (a, b) in enumerate(zip(shard_shape, entry["logical_shape"], strict=True)) if a != b]
+            return diff[0] if diff else None
+    if matches("tp_replicated_parameter_patterns") or len(shard_shape) < 2:
+        return None
+    if matches("parameter_with_row_parallelism_patterns"):
+        return 1
+    if matches("vocabulary_parameter_patterns"):
+        return None if shard_shape[0] == info.get("original_vocab_size") else 0
+    return 0
+
+
+def _join_tp(parts: list[dict], info: dict, tp: int, where: Path) -> dict:
+    import torch
+    out = {}
+    for name, first in parts[0].items():
+        dim = _tp_split_dim(name, list(first.shape), info, tp)
+        out[name] = first if dim is None else torch.cat([p[name] for p in parts], dim)
+    return out
+
+
+def _read_tensor_parallel(tag_dir: Path, manifest: checkpoints.Manifest):
+    """Each tensor-parallel rank's files read as one model-parallel rank, then every split parameter
+    (weights, both moments) joined along its split dimension."""
+    per_tp = [_read_optimizer(tag_dir, manifest, t) for t in range(manifest.tp)]
+    sd = per_tp[0][0]
+    info = sd.get("universal_checkpoint_info") or {}
+    if info.get("parameter_with_sub_params"):
+        raise LabsError(f"{tag_dir}: AutoTP split fused parameters ({info['parameter_with_sub_params'][:2]}...), "
+                        f"which cannot be converted yet")
+    if manifest.zero_stage == 3:
+        raise LabsError(f"{tag_dir}: a tensor-parallel ZeRO-3 checkpoint cannot be converted yet")
+    weights = _join_tp([{k: v.float() for k, v in x[0]["module"].items()} for x in per_tp], info, manifest.tp, tag_dir)
+    moments = {k: _join_tp([x[1][k] for x in per_tp], info, manifest.tp, tag_dir) for k in MOMENTS}
+    master = _join_tp([x[4] for x in per_tp], info, manifest.tp, tag_dir) if per_tp[0][4] is not None else None
+    steps = [st for x in per_tp for st in x[2]]
+    return sd, weights, moments, steps, per_tp[0][3], master
+
+
 def read_source(tag_dir: Path, manifest: checkpoints.Manifest, model=None) -> tuple[dict, dict, dict]:
     """(weights, moments {"exp_avg": {...}, "exp_avg_sq": {...}}, engine state) of a checkpoint, under
     the HF model's parameter names. A pipeline checkpoint needs the (task's) model to name its layers."""
     import torch
-    if manifest.tp > 1:
-        raise LabsError(f"{tag_dir}: a tensor-parallel checkpoint (tp {manifest.tp}) cannot be converted yet; "
-                        f"resume it under its own tensor_parallel.autotp_size")
     stage = manifest.zero_stage
-    if manifest.pp > 1:
+    if manifest.tp > 1 and manifest.pp > 1:
+        raise LabsError(f"{tag_dir}: a pipeline x tensor-parallel checkpoint cannot be converted yet")
+    if manifest.tp > 1:
+        sd, weights, moments, steps, lrs, master = _read_tensor_parallel(tag_dir, manifest)
+    elif manifest.pp > 1:
         if model is None:
             raise LabsError(f"{tag_dir}: a pipeline checkpoint needs the model to name its layers")
         rename = pipeline_names(model)
@@ -383,9 +434,24 @@ def load_into(strategy, folder: Path) -> dict[str, Any]:
     _prime_optimizer_state(engine, state["adam_step"])
     opt = _torch_optimizer(engine.optimizer)
     zero3 = engine.zero_optimization_stage() == 3
+    tp = strategy.layout.tp
+    tp_rank = torch.distributed.get_rank() % tp if tp > 1 else 0
+
+    def mine(name: str, p, t):
+        """This rank's part of full tensor t: under tensor parallelism the slice AutoTP gave it."""
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        if tp == 1 or tuple(t.shape) == shape:
+            return t
+        diff = [d for d, (a, b) in enumerate(zip(shape, t.shape, strict=True)) if a != b]
+        if len(diff) != 1 or shape[diff[0]] * tp != t.shape[diff[0]]:
+            raise LabsError(f"{folder}: {name} is {tuple(t.shape)} in the checkpoint and {shape} on this "
+                            f"tensor-parallel rank: not an even split over {tp} ranks")
+        d = diff[0]
+        return t.narrow(d, tp_rank * shape[d], shape[d]).contiguous()
+
     with torch.no_grad():
         for name, p in named:
-            full = weights[name]
+            full = mine(name, p, weights[name])
             if zero3:
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                     p.data.copy_(full.view(p.shape).to(p.dtype))
@@ -396,10 +462,10 @@ def load_into(strategy, folder: Path) -> dict[str, Any]:
             if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # ZeRO-1/2/3, bf16 optimizer
                 safe_set_full_fp32_param(p, full)
                 for k in MOMENTS:
-                    safe_set_full_optimizer_state(p, moments[k][name], k)
+                    safe_set_full_optimizer_state(p, mine(name, p, moments[k][name]), k)
             else:  # plain torch optimizer (ZeRO-0 fp32): p is its own master copy
                 for k in MOMENTS:
-                    opt.state[p][k].copy_(moments[k][name].view(p.shape))
+                    opt.state[p][k].copy_(mine(name, p, moments[k][name]).view(p.shape))
     for group, lr in zip(opt.param_groups, state["lrs"], strict=False):
         group["lr"] = lr
     if engine.lr_scheduler is not None and state["lr_scheduler"] is not None:

@@ -208,3 +208,42 @@ def test_a_state_with_an_empty_tensor_is_never_exported():
     with pytest.raises(RuntimeError, match="1 tensor\\(s\\) are empty .*lora_A"):
         reshard.check_whole(state, "here")
     assert reshard.check_whole({"w": torch.ones(2)}, "here")["w"].numel() == 2
+
+
+# ---------------------------------------------------------------- pipeline <-> data parallel
+
+PIPE_N = 5
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(ds_ops, tmp_path_factory):
+    """2 pipeline stages (2 ranks, ZeRO-0, 4 micro-batches), resumed at step 2 as 2 data-parallel ranks."""
+    out = tmp_path_factory.mktemp("pipe_layout")
+    proc, ref = launch("jobs/fine_tune_pipeline.yaml", out, "--max_steps", str(PIPE_N), "--set", "train.save_every=2",
+                       "data.max_train_samples=40")
+    assert_ok(proc)
+    run = as_of(ref, 2, out / "resumed")
+    proc = labs("launch", "--resume", str(run), "--set", "ds.pipeline.stages=1")
+    assert_ok(proc)
+    assert "layout changes (data-parallel size 1 -> 2, pipeline stages 2 -> 1)" in proc.stdout
+    return ref, run
+
+
+def test_pipeline_checkpoint_resumed_data_parallel_continues_the_run(pipeline_runs):
+    ref, run = pipeline_runs
+    want, got = losses(ref), losses(run)
+    assert sorted(got) == sorted(want) == list(range(1, PIPE_N + 1))
+    for s in range(3, PIPE_N + 1):
+        assert abs(got[s] - want[s]) <= 1e-5 * abs(want[s]), (s, got[s], want[s])
+    man = checkpoints.newest(run / "checkpoints")[0]
+    assert (man.pp, man.dp, man.global_batch) == (1, 2, 8)
+
+
+def test_export_of_a_pipeline_checkpoint_equals_the_runs_own_export(pipeline_runs, tmp_path):
+    from safetensors.torch import load_file
+    ref, _ = pipeline_runs
+    proc = labs("export", str(ref), "--step", str(PIPE_N), "--out", str(tmp_path / "exp"))
+    assert_ok(proc)
+    (mine,), (theirs,) = list((tmp_path / "exp").glob("*.safetensors")), list((ref / "hf").glob("*.safetensors"))
+    a, b = load_file(mine), load_file(theirs)
+    assert a.keys() == b.keys() and len(a) > 0 and all(torch.equal(a[k], b[k]) for k in a)
