@@ -314,7 +314,7 @@ def peak_plot(results: list[dict[str, Any]], path: Path, title: str = "Peak memo
     rows = [r for r in results if (r.get("memory") or {}).get("measured_bytes")]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(rows) + 3), 4.5))
+    fig, ax = plt.subplots(figsize=(min(16, max(7, 0.8 * len(rows) + 3)), 5))
     width = 0.38
     for i, r in enumerate(rows):
         m = r["memory"]

@@ -186,16 +186,15 @@ def stage_params(shape: Shape, setup: Setup) -> list[int]:
     """Parameters each pipeline stage holds (one entry without a pipeline); AutoTP splits every block's
     matrices and the lm_head's rows by tp (the embeddings and norms stay whole)."""
     tp = setup.tp
-    if setup.pp == 1:
-        norms = shape.layers * 2 * shape.hidden if shape.arch != "gpt2" else 0  # stay whole under AutoTP
-        return [shape.embed + (shape.head + shape.layers * shape.block - norms) // tp + norms + shape.final]
+    norms = 2 * shape.hidden if shape.arch != "gpt2" else 0  # per block; whole under AutoTP
+    block = (shape.block - norms) // tp + norms
     out = []
     for k, n in enumerate(_blocks_per_stage(shape.layers, setup.pp)):
-        p = n * shape.block
+        p = n * block
         if k == 0:
             p += shape.embed
         if k == setup.pp - 1:
-            p += shape.final + (shape.head or shape.embed)  # a tied head is a second copy on the last stage
+            p += shape.final + (shape.head or (shape.embed if setup.pp > 1 else 0)) // tp
         out.append(p)
     return out
 
@@ -241,7 +240,7 @@ def activation_bytes(shape: Shape, setup: Setup, blocks: int, last: bool) -> tup
     per_block = tokens * e * (6 * h + (7 * h + 2 * kv - 2 * h + 4 * i) // setup.tp)  # 13h + 4i for MHA, tp 1
     acts = blocks * tokens * e * h + per_block if setup.checkpointing else blocks * per_block
     acts += tokens * e * 2 * h  # embedding output, final norm
-    logits = tokens * shape.vocab * 16 // (setup.tp if setup.pp == 1 else 1) if last else 0
+    logits = tokens * shape.vocab * 16 // setup.tp if last else 0
     return acts, logits
 
 
@@ -254,10 +253,16 @@ gloo, Python objects (measured: the rank's RSS after building the task minus the
 DATASETS_CPU = 67 * MiB
 """Data read through `datasets.load_dataset` (every source but the built-in text sample): its tables and
 builder, measured 120-130 MiB in all for llama-small on WikiText-2, i.e. this much above RUNTIME_CPU."""
-ZERO_COPIES = {1: 2.0, 2: 2.0, 3: 7.4}
-"""ZeRO's optimizers flatten the parameters into their bit16 groups, keep fp32 gradient partitions and copy
-them around the step: measured on CPU, two fp32 copies of the rank's parameters at stages 1-2 and, at stage 3
-(without zero.Init), 7.4 copies of its partition besides the model as built."""
+ZERO_COPIES = {1: 1.0, 2: 1.0}
+"""ZeRO-1/2 flatten the parameters into their bit16 groups and copy the fp32 gradient partition around the
+step: one more fp32 copy of the rank's parameters, measured (llama-small and llama-58m on CPU)."""
+MMAP_MAX = 32 * MiB
+"""glibc's largest mmap threshold: a freed tensor above it goes back to the OS, one below it stays in the heap."""
+ZERO3_HEAP_COPIES = 3.7
+"""ZeRO-3 (without zero.Init) gathers every full parameter in the forward and backward passes and holds its full
+gradient until the reduce-scatter: the tensors of 16-32 MiB (fp32) among them stay in glibc's heap when freed,
+this many copies of them (measured: llama-small's 31 MiB embedding and head; llama-58m's 62 MiB ones are
+mmapped and returned, and nothing is left)."""
 OPT_STEP_COPIES = 2
 """torch's foreach AdamW allocates temporaries of the parameters it updates (sqrt of the second moment,
 the update): about two fp32 copies during the step."""
@@ -285,8 +290,11 @@ def _rank_parts(shape: Shape, setup: Setup, k: int) -> tuple[int, dict[str, int]
         buffers += 4 * min(setup.prefetch, shape.params) + 4 * min(setup.max_live, shape.params)
     parts["communication buffers"] = buffers
     parts["optimizer step temporaries"] = OPT_STEP_COPIES * 4 * opt_p
-    if setup.stage >= 1:
-        parts["ZeRO flat copies"] = int(ZERO_COPIES[min(setup.stage, 3)] * 4 * trained // (setup.dp if setup.stage == 3 else 1))
+    if setup.stage in (1, 2):
+        parts["ZeRO flat copies"] = int(ZERO_COPIES[setup.stage] * 4 * trained)
+    if setup.stage == 3 and setup.device == "cpu":
+        band = sum(n for n in (shape.embed, shape.head) if MMAP_MAX // 2 < 4 * n <= MMAP_MAX)
+        parts["ZeRO-3 gathers kept in the heap"] = int(ZERO3_HEAP_COPIES * 4 * band)
     if setup.device == "cpu":
         parts["runtime (data, tokenizer, gloo)"] = RUNTIME_CPU + (DATASETS_CPU if setup.datasets else 0)
         full = shape.params
