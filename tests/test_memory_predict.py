@@ -168,14 +168,17 @@ def test_plan_prints_the_prediction_and_what_fits(monkeypatch, tmp_path):
 
 @pytest.mark.distributed
 def test_every_run_measures_its_peak_beside_the_prediction(ds_ops, tmp_path):
-    """A real 2-rank run (llama-tiny, ZeRO-0, 3 steps): each rank's measured peak above its baseline is in
-    metrics.jsonl and summary.json with the prediction and their ratio; and the ratio is within 20%."""
-    proc, rd = launch("jobs/fine_tune_dry_run.yaml", tmp_path, "--set", "train.export=false")
+    """A real 2-rank run (jobs/compare.yaml: llama-small on WikiText-2, ZeRO-0, 3 steps): each rank's measured
+    peak above its baseline is in metrics.jsonl and summary.json with the prediction and their ratio, and the
+    ratio is within 20%. (This configuration is one the constants were fitted to; llama-tiny's peak, ~200 MiB,
+    moves by +-25 MiB from run to run, too much for a stable 20% check.)"""
+    proc, rd = launch("jobs/compare.yaml", tmp_path, "--set", "train.max_steps=3", "data.max_eval_samples=4",
+                      "train.checkpoint=false")
     assert_ok(proc)
     (rec,) = read_metrics(rd, "memory")
     s = summary(rd)
     assert s["memory"] == rec and rec["step"] == 3 and rec["device"] == "cpu"
-    assert len(rec["measured_bytes"]) == 2 and all(b > 50 * MiB for b in rec["measured_bytes"])
+    assert len(rec["measured_bytes"]) == 2 and all(b > 200 * MiB for b in rec["measured_bytes"])
     assert all(b > 200 * MiB for b in rec["baseline_bytes"])
     for r in s["ranks"]:
         assert r["memory_peak_bytes"] == rec["measured_bytes"][r["rank"]]
