@@ -763,3 +763,16 @@ def plan_lines(plan, budget_text: str | None = None, verbose: bool = False) -> l
         if len(seen) >= (10 if verbose else 5):
             break
     return lines
+
+
+def summary_row(rec: dict | None) -> list[tuple[str, str]]:
+    """The run summary's line: each rank's measured peak beside the prediction and their ratio."""
+    if not rec or not rec.get("measured_bytes"):
+        return []
+    meas, pred = rec["measured_bytes"], rec.get("predicted_bytes") or []
+    text = ("measured " + " / ".join(fmt_bytes(b) if b is not None else "-" for b in meas)
+            + f" above the baseline ({fmt_bytes(max(rec.get('baseline_bytes') or [0]))}), after step {rec['step']}")
+    if any(pred):
+        text += ("; predicted " + " / ".join(fmt_bytes(p) if p else "-" for p in pred) + " (ratio "
+                 + " / ".join(f"{r:.2f}" if r else "-" for r in rec.get("ratio") or []) + ")")
+    return [("peak memory / rank", text)]
