@@ -69,7 +69,8 @@ def test_every_ds_config_is_accepted_by_deepspeed(path):
     from deepspeed.runtime.config import DeepSpeedConfig
     cfg = dsconfig.load_ds_config(REPO / path)
     dsconfig.check_keys(cfg, path)
-    Layout.from_ds_config(cfg, 2, path)  # the shipped layout fits 2 ranks
+    model = int((cfg.get("tensor_parallel") or {}).get("autotp_size", 1)) * int((cfg.get("pipeline") or {}).get("stages", 1))
+    Layout.from_ds_config(cfg, max(2, model), path)  # the shipped layout fits 2 ranks (4 for pipeline x tensor)
     # Outside a process group DeepSpeed parses for a world of 1: let the batch size follow.
     resolved = dsconfig.resolve_batch(cfg | {"train_batch_size": "auto"}, 1, path)
     parsed = DeepSpeedConfig(resolved)
@@ -106,7 +107,7 @@ def test_jobs_all_plan(tmp_path):
         if "hostfiles/localhost" not in text:
             continue
         plan = make_plan(str(job.relative_to(REPO)))
-        assert plan.command and plan.layout.world == 2, job
+        assert plan.command and plan.layout.world == plan.hostfile.world_size in (2, 4), job
         json.dumps(plan.ds_config)
 
 
