@@ -22,7 +22,6 @@ import pytest
 from conftest import REPO, labs, read_metrics, run_dirs, wait_for_steps
 
 from launcher import checkpoints
-from launcher.errors import LabsError
 from launcher.rank_env import EXIT_STOPPED, clear_stale_build_locks, parse_duration
 
 JOB = "jobs/fine_tune_dry_run.yaml"  # tiny Llama, built-in text, 2 local ranks, ZeRO-0
@@ -104,10 +103,12 @@ def _stop_and_resume(tmp_path: Path, uninterrupted: list[float], *backend: str) 
 @pytest.mark.distributed
 def test_sigterm_local_saves_stops_and_resumes_bit_exact(uninterrupted, tmp_path):
     run_dir, _ = _stop_and_resume(tmp_path, uninterrupted)
-    # another ZeRO stage on resume: refused before any rank starts, the run's files untouched
+    # another ZeRO stage on resume: the plan says it converts the checkpoint (tests/test_resume_layout.py
+    # runs it) and keeps the global batch; the run's files untouched
     before = (run_dir / "ds_config.json").read_text(), (run_dir / "job.yaml").read_text()
     proc = labs("plan", "--resume", str(run_dir), "--ds-config", "ds_configs/zero2.json")
-    assert proc.returncode == 2 and "ZeRO stage 0 -> 2" in proc.stderr, proc.stderr
+    assert proc.returncode == 0 and "layout changes (ZeRO stage 0 -> 2)" in proc.stdout, proc.stdout + proc.stderr
+    assert "global batch kept at 4 samples per step" in proc.stdout
     assert ((run_dir / "ds_config.json").read_text(), (run_dir / "job.yaml").read_text()) == before
 
 
@@ -251,14 +252,14 @@ def test_keep_checkpoints_prunes_old_ones(tmp_path):
     assert [m.step for m, _ in checkpoints.complete(root)] == [3, 4]
 
 
-def test_resume_under_another_layout_names_every_change(tmp_path):
+def test_resume_under_another_layout_is_accepted_and_its_changes_named(tmp_path):
+    """Every layout change converts at launch (launcher/reshard.py, tests/test_resume_layout.py)."""
     root = tmp_path / "checkpoints"
     _ckpt(root, 5, stage=2)
-    now = checkpoints.layout_key(dp=1, tp=1, pp=1, zero_stage=3, precision="bf16")
-    with pytest.raises(LabsError) as e:
-        checkpoints.check_resume(root, now, tmp_path)
-    msg = str(e.value)
-    assert "data-parallel size 2 -> 1" in msg and "ZeRO stage 2 -> 3" in msg and "precision fp32 -> bf16" in msg
+    now = checkpoints.layout_key(dp=1, tp=2, pp=1, zero_stage=3, precision="bf16", offload=True)
+    saved, path = checkpoints.check_resume(root, now, tmp_path)
+    assert saved.step == 5 and path == root / "step5" and checkpoints.changes(saved.layout_key(), now) == [
+        "data-parallel size", "tensor-parallel size", "ZeRO stage", "offload", "precision"]
 
 
 @pytest.mark.parametrize("text,seconds", [("3h50m", 13800), ("90m", 5400), ("45s", 45), ("2d", 172800),
