@@ -37,9 +37,9 @@ def pick(run_dir: Path, step: int | None) -> tuple[checkpoints.Manifest, Path]:
 def consolidated(manifest: checkpoints.Manifest, tag_dir: Path, model=None) -> dict:
     import torch
 
-    from launcher.reshard import _pipeline_weights, check_whole, pipeline_names, read_source
+    from launcher.reshard import _pipeline_weights, check_whole, pipeline_names, tensor_parallel_weights
     if manifest.tp > 1:  # AutoTP shards joined along their split dimension
-        return check_whole(read_source(tag_dir, manifest, model)[0], str(tag_dir))
+        return check_whole(tensor_parallel_weights(tag_dir, manifest), str(tag_dir))
     if manifest.pp > 1:  # one layer file at a time, named through the task's pipeline layer list
         return check_whole(_pipeline_weights(tag_dir, pipeline_names(model)), str(tag_dir))
     if manifest.zero_stage == 0:

@@ -270,6 +270,20 @@ def _join_tp(parts: list[dict], info: dict, tp: int, where: Path) -> dict:
     return out
 
 
+def tensor_parallel_weights(tag_dir: Path, manifest: checkpoints.Manifest) -> dict:
+    """The HF model's weights from an AutoTP checkpoint (ZeRO 0-2): each tensor-parallel rank's module
+    state from its `mp_rank_XX_model_states.pt`, joined; the optimizer files are not read."""
+    if manifest.zero_stage == 3:
+        raise LabsError(f"{tag_dir}: a tensor-parallel ZeRO-3 checkpoint cannot be exported yet")
+    parts, info = [], {}
+    for t in range(manifest.tp):
+        sd = _load(tag_dir / f"mp_rank_{t:02d}_model_states.pt")
+        info = info or sd.get("universal_checkpoint_info") or {}
+        parts.append({k: v.float() for k, v in sd["module"].items()})
+        del sd
+    return _join_tp(parts, info, manifest.tp, tag_dir)
+
+
 def _read_tensor_parallel(tag_dir: Path, manifest: checkpoints.Manifest):
     """Each tensor-parallel rank's files read as one model-parallel rank, then every split parameter
     (weights, both moments) joined along its split dimension."""
