@@ -133,6 +133,26 @@ def test_prediction_within_20_percent_of_the_measured_peak(key):
                                     f"measured {measured} MiB (ratio {ratio:.2f}): {pred[rank].parts}"
 
 
+# Single launches outside the compare job (labs launch ... --set train.max_steps=3), MiB per rank:
+# (label, model, ds_config, block_size, data through datasets.load_dataset) -> [rank 0, rank 1]
+OTHER_PEAKS = {
+    ("compare.yaml, one micro-batch", "llama-small", "cpu_dry_run", 64, True): [544, 577],
+    ("built-in text, two micro-batches", "llama-small", "zero0", 64, False): [582, 564],
+    ("fine_tune_dry_run.yaml", "llama-small", "cpu_dry_run", 32, False): [493, 494],
+}
+
+
+@pytest.mark.parametrize("key", sorted(OTHER_PEAKS), ids=lambda k: k[0])
+def test_prediction_of_single_launches(key):
+    _, model, config, seq, data_lib = key
+    shape = M.Shape.of(PRESETS[model], VOCAB["llama-sp"])
+    pred = M.per_rank(M.predict(shape, setup(config, seq=seq, datasets=data_lib)))
+    for rank, measured in enumerate(OTHER_PEAKS[key]):
+        ratio = pred[rank].above_baseline / (measured * MiB)
+        assert 0.8 <= ratio <= 1.2, f"rank {rank}: predicted {pred[rank].above_baseline / MiB:.0f} MiB, " \
+                                    f"measured {measured} MiB (ratio {ratio:.2f}): {pred[rank].parts}"
+
+
 def test_sizes_parse():
     assert M.parse_size("8GiB") == 8 * 2**30 and M.parse_size("512MiB") == 512 * MiB
     assert M.parse_size("8GB") == 8 * 10**9 and M.parse_size("8g") == 8 * 2**30 and M.parse_size("1000") == 1000
