@@ -7,7 +7,9 @@ launcher, and write a report folder: report.md (a table), results.json and PNG p
 
 A strategy is a ds_configs/<name>.json; `name@K` runs it on K local ranks (e.g. `zero0@1`, the
 1-process baseline). Model-state bytes per rank are measured inside each rank from the tensors
-the engine holds (launcher/engine.py StateMeter) and set beside launcher/memory.py's formula.
+the engine holds (launcher/engine.py StateMeter) and set beside launcher/memory.py's formula; each
+rank's peak memory above its baseline (launcher/memory.py PeakMeter) beside the plan's prediction and
+their ratio (a table in report.md and peak_memory.png; --report-only predicts again from each run's files).
 """
 
 from __future__ import annotations
