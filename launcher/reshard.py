@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -205,7 +206,8 @@ def _read_optimizer(tag_dir: Path, manifest: checkpoints.Manifest, mp: int) -> t
                     moments[k][name] = st[k].float().clone()
                 steps.append(_step_value(st["step"]))
         return sd, moments, steps, [g["lr"] for g in opt["param_groups"]], None
-    files = sorted(tag_dir.glob(f"*_mp_rank_{mp:02d}_optim_states.pt"), key=lambda p: int(p.name.split("_")[3]))
+    files = sorted(tag_dir.glob(f"*pp_rank_*_mp_rank_{mp:02d}_optim_states.pt"),  # (bf16_)zero_pp_rank_<dp>_...
+                   key=lambda p: int(re.search(r"pp_rank_(\d+)_mp_rank", p.name).group(1)))
     if len(files) != manifest.dp:
         raise LabsError(f"{tag_dir}: {len(files)} optimizer-state files for a data-parallel size of {manifest.dp}")
     opts = [_load(f)["optimizer_state_dict"] for f in files]
@@ -244,8 +246,6 @@ def _tp_split_dim(name: str, shard_shape, info: dict, tp: int) -> int | None:
     row-parallel layers (o_proj, down_proj) split their input columns (dim 1), a vocabulary-parallel
     head its rows, replicated ones (embeddings, norms) none; every other AutoTP layer is
     column-parallel (q/k/v, gate/up: their output rows, dim 0)."""
-    import re
-
     def matches(key: str) -> bool:
         return any(re.match(pat, name) for pat in info.get(key) or [])
     for pat, entry in ((info.get("affine_map") or {}).get("params") or {}).items():
