@@ -180,7 +180,7 @@ def remove_incomplete(ckpt_dir: Path) -> list[Path]:
 
 def check_resume(ckpt_dir: Path, now: dict[str, Any], run_dir: Path) -> tuple[Manifest, Path]:
     """The checkpoint to resume from, checked against this launch's layout; a LabsError names every
-    difference that cannot be converted (tensor-parallel size, pipeline stages) and every other one."""
+    difference when one of them cannot be converted (NOT_CONVERTIBLE: none at present)."""
     best = newest(ckpt_dir)
     if best is None:
         left = incomplete(ckpt_dir)

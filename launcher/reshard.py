@@ -4,11 +4,16 @@ A DeepSpeed checkpoint is stored the way its run held its state: ZeRO-0 keeps th
 optimizer whole in `mp_rank_00_model_states.pt`; ZeRO-1/2 split one flat fp32 vector per parameter
 group (master weights, Adam's exp_avg and exp_avg_sq) into dp equal slices, one file per rank;
 ZeRO-3 splits every parameter into dp slices of ceil(numel / dp) elements and packs each rank's
-slices into its own flat vector. None of these loads under another dp size or stage.
+slices into its own flat vector. A pipeline keeps each layer's weights in `layer_XX-model_states.pt`
+and each stage's optimizer in its own `mp_rank_<stage>` files, under PipelineModule names
+(`<layer>.<name>`); AutoTP keeps each tensor-parallel rank's row or column shard of the attention
+and MLP matrices in its `mp_rank_<tp rank>` files. None of these loads under another layout.
 
-`consolidate` undoes the split on one process, from the files alone (bounded memory: the source
-files are memory-mapped and one flat vector is merged at a time), and writes into the checkpoint's
-folder, `step<N>/consolidated/`:
+`consolidate` undoes the split on one process, from the files alone (the source files are
+memory-mapped; the result, fp32 weights and two moments, 12 bytes per trained parameter, is held
+once in memory), names every tensor as the HF model does (a pipeline's layers through the task's
+layer list, tasks/pipeline_layers.py; AutoTP shards joined along the dimension its
+`universal_checkpoint_info` records), and writes into the checkpoint's folder, `step<N>/consolidated/`:
 
     weights.pt      every parameter in fp32 under its model name (frozen ones too: a LoRA base)
     exp_avg.pt      Adam's first moment of every trained parameter, same names and shapes
@@ -21,12 +26,19 @@ The conversion is written into `consolidated.tmp<pid>/` and renamed into place o
 folder whose json is missing or whose files do not match it is converted again, and a source that
 cannot be read stops the resume with its reason (never a silent start from scratch).
 
-`load_into` puts that state into a freshly built engine of any stage (0-3, offload or not): each
-rank sets the weights (ZeRO-3: gathered, set, partitioned again), the fp32 master copy and the two
-moments of the slice it owns (DeepSpeed's `safe_set_full_*` for ZeRO-1/2/3 and the bf16 optimizer,
-the torch optimizer's state for plain ZeRO-0), Adam's step count, the scheduler and the counters.
+`load_into` puts that state into a freshly built engine of any stage (0-3, offload or not), a
+pipeline stage or a tensor-parallel rank: each rank sets the weights (ZeRO-3: gathered, set,
+partitioned again; tensor parallel: its slice), the fp32 master copy and the two moments of the
+part it owns (DeepSpeed's `safe_set_full_*` for ZeRO-1/2/3 and the bf16 optimizer, the torch
+optimizer's state for plain ZeRO-0), Adam's step count, the scheduler and the counters.
 The sampler's position follows from the step: with the same global batch every step reads the
 same samples at any dp size (launcher/worker.py).
+
+Why not DeepSpeed's `ds_to_universal` + `"checkpoint": {"load_universal": true}`: its loader needs a
+ZeRO or bf16 optimizer on the loading side (plain fp32 ZeRO-0, the default here, has no universal
+loading of its Adam state), its converter reads ZeRO optimizer files only (not a plain ZeRO-0
+checkpoint), and it is a separate multi-process step. Reading the few file layouts above
+directly covers every source and target, on one process, in seconds for these models.
 """
 
 from __future__ import annotations
