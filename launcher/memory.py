@@ -739,7 +739,11 @@ def plan_lines(plan, budget_text: str | None = None, verbose: bool = False) -> l
     lines.append(f"  other strategies on {s.world} rank(s), same global batch: " + ", ".join(others))
     ranks_here = max(plan.hostfile.hosts.values()) if plan.hostfile.hosts else s.world
     if budget_text:
-        budget, where = parse_size(budget_text), f"--memory {budget_text}"
+        try:
+            budget, where = parse_size(budget_text), f"--memory {budget_text}"
+        except ValueError as e:
+            from launcher.errors import LabsError
+            raise LabsError(f"--memory: {e}") from None
     else:
         budget, where = free_memory_per_rank(ranks_here)
     if worst.total <= budget:

@@ -180,6 +180,10 @@ def test_plan_prints_the_prediction_and_what_fits(monkeypatch, tmp_path):
     assert options and all("--set ds.train_micro_batch_size_per_gpu=" in x for x in options)
     seconds = [float(x.split("~")[1].split(" s/step")[0]) for x in options]
     assert seconds == sorted(seconds)
+    plan.memory_budget = "lots"
+    from launcher.errors import LabsError
+    with pytest.raises(LabsError, match="--memory: 'lots' is not a size"):
+        render(plan, verbose=False)
     plan.memory_budget = "1MiB"
     assert "no strategy, micro-batch size or activation checkpointing" in render(plan, verbose=False)
     verbose = render(plan, verbose=True)
