@@ -254,6 +254,13 @@ def resume_under(ckpt_dir: Path, cfg: dict[str, Any], now: dict[str, Any], run_d
     notes = keep_global_batch(cfg, saved_global_batch(saved, run_dir), now["data-parallel size"], path)
     if not diffs:
         return saved, tag, notes
+    both = [f"{which} (pipeline stages {k['pipeline stages']} x tensor-parallel size {k['tensor-parallel size']})"
+            for which, k in (("the checkpoint", was), ("this launch", now))
+            if k["pipeline stages"] > 1 and k["tensor-parallel size"] > 1]
+    if both:
+        raise LabsError(f"--resume {run_dir}: {' and '.join(both)} combines pipeline and tensor parallelism, which a "
+                        f"conversion does not handle yet; resume under the checkpoint's own layout, or convert "
+                        f"through one of the two alone")
     from launcher import reshard  # no torch at import
     why = reshard.problem(tag)
     change = ", ".join(f"{k} {was[k]} -> {now[k]}" for k in diffs)

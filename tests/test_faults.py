@@ -22,6 +22,7 @@ import pytest
 from conftest import REPO, labs, read_metrics, run_dirs, wait_for_steps
 
 from launcher import checkpoints
+from launcher.errors import LabsError
 from launcher.rank_env import EXIT_STOPPED, clear_stale_build_locks, parse_duration
 
 JOB = "jobs/fine_tune_dry_run.yaml"  # tiny Llama, built-in text, 2 local ranks, ZeRO-0
@@ -260,6 +261,9 @@ def test_resume_under_another_layout_is_accepted_and_its_changes_named(tmp_path)
     saved, path = checkpoints.check_resume(root, now, tmp_path)
     assert saved.step == 5 and path == root / "step5" and checkpoints.changes(saved.layout_key(), now) == [
         "data-parallel size", "tensor-parallel size", "ZeRO stage", "offload", "precision"]
+    both = checkpoints.layout_key(dp=1, tp=2, pp=2, zero_stage=0, precision="fp32")  # not converted yet
+    with pytest.raises(LabsError, match="this launch \\(pipeline stages 2 x tensor-parallel size 2\\)"):
+        checkpoints.resume_under(root, {}, both, tmp_path)
 
 
 @pytest.mark.parametrize("text,seconds", [("3h50m", 13800), ("90m", 5400), ("45s", 45), ("2d", 172800),
