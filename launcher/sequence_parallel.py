@@ -44,12 +44,13 @@ ATTN_NAME = "labs_ulysses"
 _ATTENTION: dict[str, Any] = {}  # the DistributedAttention of this process (one model per rank)
 
 
-def _local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None) -> torch.Tensor:
+def _local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None,
+                     dropout: float) -> torch.Tensor:
     """Causal attention on this rank's heads over the whole sequence: [b, s, h/S, d] -> the same."""
     if "shapes" not in _ATTENTION:
         _ATTENTION["shapes"] = {"attention_qkv_after_all_to_all": list(q.shape)}
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=True, scale=scaling)
+                                         is_causal=True, scale=scaling, dropout_p=dropout)
     return out.transpose(1, 2)
 
 
@@ -62,7 +63,7 @@ def ulysses_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
         key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [b, s/S, heads, d]
     _ATTENTION.setdefault("before", list(q.shape))
-    out = _ATTENTION["layer"](q, k, v, 0, None, scaling)  # batch is dim 0; scatter heads, gather sequence
+    out = _ATTENTION["layer"](q, k, v, 0, None, scaling, dropout)  # batch dim 0; scatter heads, gather sequence
     return out, None
 
 
