@@ -5,10 +5,10 @@ as if nothing happened: same global batch, same data order, losses within 1e-5 o
 One uninterrupted run (1 rank, ZeRO-0) is the reference; a chain of resumes, each from a copy of the
 previous run as it was at an earlier step, walks the layouts
 
-    1 rank ZeRO-0 -> 2 ranks ZeRO-3 + offload -> 3 ranks ZeRO-2 -> 2 ranks ZeRO-1
-      -> tensor parallel 2 (ZeRO-1) -> 2 pipeline stages (ZeRO-0)
+    1 rank ZeRO-0 -> 2 ranks ZeRO-3 + offload -> 3 ranks ZeRO-2 -> tensor parallel 2 (ZeRO-1)
+      -> 1 rank ZeRO-1 -> 2 pipeline stages (ZeRO-0) -> 2 data-parallel ranks (ZeRO-0)
 
-(dp 1 -> 2 -> 3 -> 2 -> 1 -> 1, resumes mid-epoch, epochs crossed after); `labs export` of the
+(dp 1 -> 2 -> 3 -> 1 -> 1 -> 1 -> 2, resumes mid-epoch, epochs crossed after); `labs export` of the
 tensor-parallel and pipeline runs' checkpoints equals what those runs exported themselves. LoRA under ZeRO-3 (2 ranks) resumed
 on 1 rank ZeRO-0 carries its adapters and their optimizer state, and neither run saves an empty
 adapter: with the chain, every stage is read as a source and loaded as a target. Conversions cut short or corrupted are redone; a source that
@@ -31,7 +31,7 @@ from launcher.errors import LabsError
 pytestmark = pytest.mark.distributed
 
 JOB = "jobs/fine_tune_dry_run.yaml"  # tiny Llama, built-in text (32 samples)
-N = 12  # global batch 6: 5 steps per epoch, so resumes at steps 2, 4, 6 fall mid-epoch
+N = 14  # global batch 6: 5 steps per epoch; resumes at steps 2, 4, ..., 12: mid-epoch, and 10 at an epoch start
 REF = ("--max_steps", str(N), "--epochs", "3", "--set", "train.export=false", "train.save_every=2",
        "ds.train_micro_batch_size_per_gpu=3", "ds.gradient_accumulation_steps=2")
 OFFLOAD = ("ds.zero_optimization.offload_optimizer.device=cpu", "ds.zero_optimization.offload_param.device=cpu",
@@ -39,9 +39,10 @@ OFFLOAD = ("ds.zero_optimization.offload_optimizer.device=cpu", "ds.zero_optimiz
 CHAIN = [  # (name, ranks, --set of the resume, resumed from the previous run at this step)
     ("zero3_offload_2", 2, ("ds.zero_optimization.stage=3", *OFFLOAD), 2),
     ("zero2_3", 3, ("ds.zero_optimization.stage=2",), 4),
-    ("zero1_2", 2, ("ds.zero_optimization.stage=1",), 6),
-    ("tensor_parallel_2", 2, ("ds.zero_optimization.stage=1", "ds.tensor_parallel.autotp_size=2", "train.export=true"), 8),
+    ("tensor_parallel_2", 2, ("ds.zero_optimization.stage=1", "ds.tensor_parallel.autotp_size=2", "train.export=true"), 6),
+    ("zero1_1", 1, ("ds.zero_optimization.stage=1",), 8),
     ("pipeline_2", 2, ("ds.zero_optimization.stage=0", "ds.pipeline.stages=2", "train.export=true"), 10),
+    ("zero0_2", 2, ("ds.zero_optimization.stage=0",), 12),
 ]
 
 
