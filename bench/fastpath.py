@@ -13,6 +13,8 @@ both cores, the whole global batch as one micro-batch, the shipped configs' opti
 - batch:     the same tokens per optimizer step as 1 micro-batch, 2 and 8 micro-batches accumulated; and
              twice the tokens per optimizer step
 - precision: bf16 (ds_configs/zero0_bf16.json) vs fp32, with the fused optimizer
+- comm:      ZeRO-2 on 2 ranks x 1 core as shipped (overlap_comm off, 5e6-element buckets) against
+             overlap_comm on, and 5e7-element buckets
 - compile:   `train.compile: true` (torch.compile, inductor) vs eager, both with the fused optimizer; the
              compilation falls in the untimed first steps (--steps must leave timed ones after it)
 
@@ -57,6 +59,14 @@ def arms_for(w: Workload, groups: set[str]) -> list[Arm]:
         arms += [Arm("labs_1x2_fused_bf16", "labs", 1, 2, g, z0, optimizer="fused", precision="bf16")]
         if "optimizer" not in groups:
             arms.append(Arm("labs_1x2_fused", "labs", 1, 2, g, z0, optimizer="fused"))
+    if "comm" in groups:  # ZeRO-2 on 2 ranks x 1 core: overlap_comm and bucket sizes (shipped: off, 5e6)
+        z2 = "ds_configs/zero2.json"
+        arms += [Arm("labs_2x1_zero2", "labs", 2, 1, g // 2, z2, note="ZeRO-2 as shipped"),
+                 Arm("labs_2x1_zero2_overlap", "labs", 2, 1, g // 2, z2,
+                     sets=["ds.zero_optimization.overlap_comm=true"], note="overlap_comm: true"),
+                 Arm("labs_2x1_zero2_bucket5e7", "labs", 2, 1, g // 2, z2,
+                     sets=["ds.zero_optimization.reduce_bucket_size=50000000",
+                           "ds.zero_optimization.allgather_bucket_size=50000000"], note="buckets 5e7")]
     if "compile" in groups:  # torch.compile through DeepSpeed's engine.compile(); its first steps compile
         arms += [Arm("labs_1x2_fused_compile", "labs", 1, 2, g, z0, optimizer="fused", sets=["train.compile=true"],
                      note="train.compile: true (inductor), fused AdamW")]
