@@ -43,6 +43,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data_dir", help="local data folder laid out like shared/data (default $LABS_DATA_DIR)")
     p.add_argument("--resume", nargs="?", const="auto", help="continue the latest (or the given) run from its checkpoint")
     p.add_argument("--master_port", type=int)
+    p.add_argument("--memory", metavar="SIZE", help="memory per rank to fit (8GiB, 512MiB; default: this machine's "
+                   "available memory / its ranks): says whether the job fits, and what would")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="the whole plan, and every rank's and DeepSpeed's output on the console")
 
@@ -60,9 +62,11 @@ def _plan(args: argparse.Namespace):
             sets.append(f"{key}={getattr(args, flag)}")
     if not args.job and args.resume in (None, "auto"):
         raise LabsError("name a job file, for example: labs plan jobs/demo.yaml (or --resume RUN_DIR)")
-    return make_plan(args.job, ds_config=args.ds_config, hostfile=args.hostfile, sets=sets,
+    plan = make_plan(args.job, ds_config=args.ds_config, hostfile=args.hostfile, sets=sets,
                      dry_run=args.dry_run, resume=args.resume, backend=args.backend,
                      master_port=args.master_port)
+    plan.memory_budget = args.memory
+    return plan
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -125,7 +125,14 @@ def _int_or_none(cfg: dict[str, Any], key: str, path: str) -> int | None:
         return None
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise LabsError(f"{path}: {key} = {v!r}; it must be a positive integer or \"auto\"")
+    if v > MAX_BATCH:
+        shown = f"{v}" if len(str(v)) <= 20 else f"a {len(str(v))}-digit number"
+        raise LabsError(f"{path}: {key} = {shown}; more than {MAX_BATCH:,} samples cannot be a batch "
+                        f"(torch indexes a batch with 32-bit sizes); set a number of samples per step")
     return v
+
+
+MAX_BATCH = 2**31 - 1
 
 
 def resolve_batch(cfg: dict[str, Any], dp: int, path: str) -> dict[str, Any]:
@@ -270,7 +277,7 @@ def _refuse_auto(cfg: dict[str, Any], path: str) -> None:
 
 
 def resolve_auto(cfg: dict[str, Any], path: str, *, dp: int, hidden_size: int | None,
-                 job_values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+                 job_values: dict[str, Any], accelerator: str = "cpu") -> tuple[dict[str, Any], list[str]]:
     """The config with every "auto" resolved, and one note per value filled ("optimizer.params.lr =
     5e-05 (auto, from the job's train.lr)"). Keys of `job_values` (see JOB_DEFAULTS / JOB_FIELDS):
     lr, betas, eps, weight_decay, warmup_steps, total_steps (optimizer steps of the run), max_grad_norm,
@@ -360,6 +367,8 @@ def resolve_auto(cfg: dict[str, Any], path: str, *, dp: int, hidden_size: int | 
     for section, jkey in (("fp16", "fp16"), ("bf16", "bf16"), ("bfloat16", "bf16")):
         if is_auto((section, "enabled")):
             value, src = job(jkey)
+            if value == "auto":  # the job leaves it to the machine
+                value, src = machine_bf16(accelerator), f"{src} = auto: {machine_bf16_reason(accelerator)}"
             fill((section, "enabled"), bool(value), f"auto, {src}")
 
     zero = out.get("zero_optimization")
@@ -412,13 +421,9 @@ REFUSED: dict[str, tuple[str, str]] = {
     "use_data_before_expert_parallelism": (
         "it orders the process groups of Mixture-of-Experts models, and the labs' models are dense",
         "remove the key"),
-    "sequence_parallel_size": (
-        "Ulysses sequence parallelism needs DistributedAttention in the model and a (data, sequence) mesh; the "
-        "labs' layout is data x tensor x pipeline parallel",
-        "remove the key"),
     "data_parallel_size": (
-        "with sequence_parallel_size it builds a (data, sequence) mesh for Ulysses sequence parallelism; the "
-        "labs' layout takes the data-parallel size from the hostfile",
+        "with sequence_parallel_size it builds a (data, sequence) mesh for Ulysses sequence parallelism; labs "
+        "sets it from the hostfile's world size / (sequence_parallel_size x tensor x pipeline)",
         "remove the key"),
     "dataloader_drop_last": (
         "it applies to DeepSpeed's own data loader, which labs' ranks do not use (the task's loader decides)",
@@ -774,6 +779,27 @@ def cpu_has_bf16(cpuinfo: Path | None = None) -> bool | None:
         if line.startswith("flags"):
             flags.update(line.split(":", 1)[-1].split())
     return any(f in flags for f in BF16_FLAGS)
+
+
+def machine_bf16(accelerator: str) -> bool:
+    """Whether this machine computes bf16 fast: a CPU listing amx_bf16 or avx512_bf16 (docs/benchmarks.md:
+    1.4-1.5x fp32's tokens/s on llama-small there), a CUDA GPU that supports bf16 (Ampere and later)."""
+    if accelerator == "cpu":
+        return cpu_has_bf16() is True
+    try:
+        import torch
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    except Exception:  # noqa: BLE001 - no torch/CUDA to ask: fp32, which always works
+        return False
+
+
+def machine_bf16_reason(accelerator: str) -> str:
+    if accelerator == "cpu":
+        has = cpu_has_bf16()
+        return (f"this CPU lists {'/'.join(BF16_FLAGS)}" if has else
+                f"this CPU lists neither {' nor '.join(BF16_FLAGS)}: fp32" if has is False else
+                f"{CPUINFO} unreadable: fp32")
+    return "the GPU supports bf16" if machine_bf16(accelerator) else "no bf16 support found on the GPU: fp32"
 
 
 def _precision(cfg: dict[str, Any], path: str, accelerator: str) -> None:

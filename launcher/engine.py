@@ -324,7 +324,7 @@ class PipelineParallel(EngineAccess):
         for n, p in model.named_parameters(remove_duplicate=False):
             self.names.setdefault(id(p), []).append(n)
         layers = pipeline_layers(model, "model")
-        pipe = PipelineModule(layers=layers, num_stages=layout.pp, loss_fn=causal_lm_loss,
+        pipe = PipelineModule(layers=layers, **self.placement(layout), loss_fn=causal_lm_loss,
                               partition_method=self.partition_method(pipe_cfg),
                               seed_layers=False, dynamic_shape=True,
                               activation_checkpoint_interval=pipe_cfg.get(
@@ -335,11 +335,19 @@ class PipelineParallel(EngineAccess):
         # stage. Mark each stage's own parameters; a tied copy (ds_pipe_replicated) counts once.
         for p in pipe.parameters():
             p.model_parallel = not getattr(p, "ds_pipe_replicated", False)
+        self.prepare(pipe)
         params = [p for p in pipe.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=pipe, model_parameters=params, config=config)
         self.stage = self.engine.zero_optimization_stage()
         self.meter = StateMeter(self.engine)
         self.layer_names = [x.typename.__name__ if hasattr(x, "typename") else type(x).__name__ for x in layers]
+
+    def placement(self, layout: Layout) -> dict[str, Any]:
+        """How ranks map to stages (launcher/pipe_tensor_parallel.py adds a tensor-parallel axis)."""
+        return {"num_stages": layout.pp}
+
+    def prepare(self, pipe) -> None:
+        """Change this stage's layers before DeepSpeed wraps them (tensor-parallel slicing)."""
 
     @staticmethod
     def partition_method(pipe_cfg: dict[str, Any]) -> str:
@@ -453,7 +461,8 @@ def release_shm_buffers() -> None:
 def build_strategy(model: torch.nn.Module, config: dict[str, Any], layout: Layout):
     release_shm_buffers()
     if layout.pp > 1 and layout.tp > 1:
-        raise NotImplementedError("pipeline x tensor parallel (refused by labs plan)")
+        from launcher.pipe_tensor_parallel import PipeTensorParallel
+        return PipeTensorParallel(model, config, layout)
     if layout.sp > 1:
         from launcher.sequence_parallel import SequenceParallel
         return SequenceParallel(model, config, layout)

@@ -47,6 +47,8 @@ def zero_model_state_bytes(stage: int, params: int, largest_layer: int, world: i
 
 
 def fmt_bytes(n: float) -> str:
+    if abs(n) >= 1024 ** 5:  # no machine's memory: say so (a huge int would overflow a float below)
+        return "more than 1 PiB"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"

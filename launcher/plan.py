@@ -57,6 +57,8 @@ class Plan:
     folder, or for a resume `RUN/resumes/<time>/`, so the run's original files are never rewritten."""
     notes: list[str] = field(default_factory=list)
     """What the plan decided for the user (resume details, warnings), printed with it."""
+    memory_budget: str | None = None
+    """--memory SIZE: the memory per rank the prediction is checked against (default: this machine's)."""
 
     def __post_init__(self) -> None:
         if self.config_dir is None:
@@ -72,16 +74,17 @@ class Plan:
             return {}
         total, largest = self.params
         shard = max(self.layout.tp * self.layout.pp, 1)
+        zero_n = self.layout.dp * self.layout.sp  # ZeRO partitions over the replicas and the sequence ranks
         off_opt, off_param = dsconfig.offload(self.ds_config)
         if self.trainable is None:
-            return {s: zero_model_state_bytes(s, total // shard, largest, self.layout.dp,
+            return {s: zero_model_state_bytes(s, total // shard, largest, zero_n,
                                               off_opt, off_param) for s in range(4)}
         # LoRA: the estimator's accounting for the adapters only, plus the frozen base's 2-byte
         # weights: replicated below ZeRO-3; partitioned by it, with the largest layer gathered in
         # full (2 bytes: a frozen layer has no gradient buffer)
         frozen = 2 * (total - self.trainable) // shard
-        return {s: zero_model_state_bytes(s, self.trainable // shard, 0, self.layout.dp, off_opt, off_param)
-                + (frozen // self.layout.dp + 2 * largest if s == 3 else frozen) for s in range(4)}
+        return {s: zero_model_state_bytes(s, self.trainable // shard, 0, zero_n, off_opt, off_param)
+                + (frozen // zero_n + 2 * largest if s == 3 else frozen) for s in range(4)}
 
 
 def apply_dry_run(job: Job) -> None:
@@ -163,8 +166,12 @@ def _model_shape(job: Job) -> dict[str, Any] | None:
 
 def _check_model_layout(job: Job, layout: Layout) -> None:
     """Pipeline stages and tensor-parallel size against the model's layers and heads."""
-    if layout.pp == 1 and layout.tp == 1:
+    if layout.pp == 1 and layout.tp == 1 and layout.sp == 1:
         return
+    if layout.sp > 1 and job.data.block_size % layout.sp:
+        raise LabsError(f"{job.ds_config}: sequence_parallel_size = {layout.sp} does not divide data.block_size = "
+                        f"{job.data.block_size} ({job.path}); each rank keeps an equal slice of every sequence: "
+                        f"set data.block_size to a multiple of {layout.sp}")
     shape = _model_shape(job)
     if shape is None:
         return  # a hub model: checked when the ranks load it
@@ -174,10 +181,23 @@ def _check_model_layout(job: Job, layout: Layout) -> None:
             raise LabsError(f"{where}: pipeline.stages = {layout.pp}, but model type {shape['arch']!r} has no "
                             f"pipeline layer list (tasks/pipeline_layers.py knows {', '.join(PIPELINE_ARCHS)}); "
                             f"use a ZeRO or tensor_parallel config for it")
+        if layout.tp > 1 and shape["arch"] not in ("llama", "mistral"):
+            raise LabsError(f"{where}: pipeline.stages = {layout.pp} with tensor_parallel.autotp_size = {layout.tp}: "
+                            f"the stages' blocks are sliced by tasks/tp_layers.py, which knows Llama-family blocks "
+                            f"only, not {shape['arch']!r}; use pipeline or tensor parallelism alone for it")
         if shape["layers"] and layout.pp > shape["layers"]:
             raise LabsError(f"{where}: pipeline.stages = {layout.pp} is more than the model's "
                             f"{shape['layers']} transformer blocks; each stage needs at least one block: "
                             f"set pipeline.stages <= {shape['layers']}")
+    if layout.sp > 1:
+        from launcher.layout import valid_layouts
+        if shape["arch"] not in ("llama", "mistral"):
+            raise LabsError(f"{where}: sequence_parallel_size = {layout.sp}, but Ulysses attention is wired for "
+                            f"Llama-family models only, not {shape['arch']!r}; remove sequence_parallel_size")
+        if shape["heads"] and shape["heads"] % layout.sp:
+            raise LabsError(f"{where}: sequence_parallel_size = {layout.sp} does not divide the model's "
+                            f"{shape['heads']} attention heads (Ulysses gives each rank whole heads); valid layouts "
+                            f"for {layout.world} ranks: {'; '.join(valid_layouts(layout.world, shape['heads'], shape['layers']))}")
     if layout.tp > 1:
         for key in ("heads", "kv_heads"):
             n = shape[key]
@@ -244,17 +264,17 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
     if layout.pp > 1 and dsconfig.zero_stage(cfg) >= 2:
         raise LabsError(f"{job.ds_config}: pipeline.stages = {layout.pp} with zero_optimization.stage = "
                         f"{dsconfig.zero_stage(cfg)}; DeepSpeed's pipeline engine supports ZeRO 0-1 only")
-    if layout.pp > 1 and layout.tp > 1:
-        raise LabsError(f"{job.ds_config}: pipeline.stages = {layout.pp} with tensor_parallel.autotp_size = "
-                        f"{layout.tp}; DeepSpeed's AutoTP does not run inside its pipeline engine: "
-                        f"use one of the two (combine either with data parallelism instead)")
+    if job.train.compile and (layout.pp > 1 or layout.tp > 1 or layout.sp > 1):
+        raise LabsError(f"{job.path}: train.compile = true with {layout.describe()}: torch.compile runs here for "
+                        f"data parallelism (ZeRO 0-3) only; set train.compile to false for this layout")
     cfg = _add_optimizer(cfg, notes)
     t = job.train
     cfg, resolved = dsconfig.resolve_auto(
         cfg, job.ds_config, dp=layout.dp, hidden_size=dsconfig.hidden_size_of(_preset_or_config(job)),
         job_values={"lr": t.lr, "betas": t.betas, "eps": t.eps, "weight_decay": t.weight_decay,
                     "warmup_steps": t.warmup_steps, "total_steps": t.max_steps, "max_grad_norm": t.max_grad_norm,
-                    "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "bf16": t.bf16, "fp16": t.fp16})
+                    "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "bf16": t.bf16, "fp16": t.fp16},
+        accelerator=accelerator())
     notes += [f"auto: {r}" for r in resolved]
     cfg = dsconfig.resolve_batch(cfg, layout.dp, job.ds_config)
     notes += [f"DeepSpeed: {w}" for w in dsconfig.validate(cfg, job.ds_config, world=layout.dp,
@@ -305,6 +325,7 @@ def _add_optimizer(cfg: dict[str, Any], notes: list[str]) -> dict[str, Any]:
         params: dict[str, Any] = {k: "auto" for k in ("lr", "betas", "eps", "weight_decay")}
         if not dsconfig.offload(cfg)[0]:
             params["torch_adam"] = True  # torch's AdamW: no C++ build (offload needs DeepSpeed's CPU Adam)
+            params["fused"] = True  # its fused kernel: 4.9-5.6x the default for-loop on CPU (docs/benchmarks.md)
         cfg["optimizer"] = {"type": "AdamW", "params": params}
         notes.append("optimizer: the config has none; AdamW from the job (train.lr, train.betas, train.eps, "
                      "train.weight_decay), as the HF Trainer builds one")
@@ -369,9 +390,11 @@ def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: s
         def on_layout(cfg: dict, layout: Layout) -> None:
             from launcher import checkpoints
             now = checkpoints.layout_key(layout.dp, layout.tp, layout.pp, dsconfig.zero_stage(cfg),
-                                         checkpoints.precision(cfg))
-            saved, path = checkpoints.check_resume(ckpt_dir, now, rd)
+                                         checkpoints.precision(cfg), any(dsconfig.offload(cfg)))
+            # another layout: converted once at launch, keeping the run's global batch (cfg's triad)
+            saved, path, said = checkpoints.resume_under(ckpt_dir, cfg, now, rd, ds_config)
             notes.append(f"resume: from {path} (step {saved.step}, saved {saved.reason})")
+            notes.extend(said)
             if note := checkpoints.latest_note(ckpt_dir):
                 notes.append(f"resume: {note}")
             if left := checkpoints.incomplete(ckpt_dir):
@@ -498,7 +521,10 @@ def render_short(plan: Plan) -> str:
         lines.append(f"  backend slurm: the job script is written to {plan.run_dir}/slurm_job.sh")
     lines += [f"  layout: {lay.describe()}; train_batch_size {cfg['train_batch_size']} = micro batch "
               f"{cfg['train_micro_batch_size_per_gpu']} x grad accum {cfg['gradient_accumulation_steps']} x dp {lay.dp}"]
-    if mem:
+    from launcher.memory import plan_lines
+    if predicted := plan_lines(plan, plan.memory_budget):
+        lines += predicted
+    elif mem:
         lines.append("  model states per rank: " + ", ".join(
             f"ZeRO-{st}: {fmt_bytes(b)}" + (" <- this config" if st == plan.zero_stage else "") for st, b in mem.items()))
     lines += [f"  {n}" for n in plan.notes if not n.startswith("auto: ")]
@@ -547,6 +573,9 @@ def render(plan: Plan, verbose: bool = True) -> str:
             lines.append(f"  ZeRO-{stage}: {fmt_bytes(b):>10}{mark}")
     else:
         lines.append(f"== model-state memory: unknown until {job.model.name!r} is loaded")
+    from launcher.memory import plan_lines
+    if predicted := plan_lines(plan, plan.memory_budget, verbose=True):
+        lines += ["", "== peak memory per rank (predicted: launcher/memory.py)", *predicted]
     if plan.notes:
         lines += [""] + [f"== {n}" for n in plan.notes]
     port = "chosen by you" if plan.port_given else "free now; another is taken if it is lost before the ranks bind it"

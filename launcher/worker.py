@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import LabsError
+from launcher.rank_env import device, to_device
 
 log = logging.getLogger("labs")
 
@@ -186,7 +187,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not rank_env.comm_op_built() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             rank_env.to_console(f"[rank {rank}] building DeepSpeed's CPU comm op into {rank_env.extensions_dir()} "
                                 f"(once per extensions folder, about {rank_env.COMM_OP_SECONDS} s)\n")
+    from launcher.memory import PeakMeter  # the rank's baseline: resident memory after the framework's imports
+    mem = PeakMeter("cpu" if os.environ["DS_ACCELERATOR"] == "cpu" or not torch.cuda.is_available() else "cuda")
     deepspeed.init_distributed(dist_backend="gloo" if os.environ["DS_ACCELERATOR"] == "cpu" else None)
+    mem.mark("distributed")
     if args.run_dir:
         run_dir = Path(args.run_dir)
     else:
@@ -207,6 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     options = _build(OPTIONS[job.task], job.options, job.path, "options.")
     _seed(job.train.seed)
     parts = task.build(job, options, dry_run=args.dry_run)
+    mem.mark("built")
     n_params = sum(p.numel() for p in parts.model.parameters())
     n_train = sum(p.numel() for p in parts.model.parameters() if p.requires_grad)
     from launcher.dsconfig import ops_needed
@@ -215,6 +220,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rank_env.to_console(f"[rank {rank}] building DeepSpeed's {op} op into {rank_env.extensions_dir()} "
                                 f"(once per extensions folder, about {seconds} s)\n")
     strategy = build_strategy(parts.model, cfg, layout)
+    if job.train.compile:  # the plan allows it for data parallel only
+        log.info("compiling the model with torch.compile (DeepSpeed engine.compile(); the first steps include it)")
+        strategy.engine.compile()
+    mem.mark("engine")
     log.info("task %s | model %s | %s params (%.1f%% trainable) | %s | ZeRO-%s | host %s",
              job.task, job.model.name, f"{n_params:,}", 100.0 * n_train / max(n_params, 1),
              layout.describe(), cfg.get("zero_optimization", {}).get("stage", 0), os.uname().nodename)
@@ -272,6 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     eval_result: dict[str, float] = {}
     last_eval = last_save = -1
     train_time, tokens_seen, loss, local_samples = 0.0, 0, float("nan"), 0
+    dev = device()
     while step < total:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch)
@@ -279,7 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range((step % steps_per_epoch) * ga):
             next(batches)
         while step < total and step // steps_per_epoch == epoch:
-            micro = [next(batches) for _ in range(ga)]
+            micro = [to_device(next(batches), dev) for _ in range(ga)]
             tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                          for b in micro) * layout.dp
             t0 = time.perf_counter()
@@ -288,6 +298,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dt_step = time.perf_counter() - t0
             step += 1
             train_time += dt_step
+            if mem.peak is None and (step >= mem.steps or step == total):  # the peak of the first steps
+                from launcher.memory import write_memory_record
+                mem.finish(step)
+                write_memory_record(mem, job, cfg, layout, metrics, step)  # collective: every rank is here
             tokens_seen += tokens
             if not math.isfinite(loss):
                 raise RuntimeError(f"loss became {loss} at step {step}")
@@ -325,7 +339,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  " from the partitioned checkpoint (ZeRO-3)" if cfg.get("zero_optimization", {}).get("stage") == 3 else "")
         state = strategy.full_state_dict(ckpt_dir / f"step{step}")
         probe = {k: v[:1] for k, v in parts.collate([parts.eval_data[0]]).items()}
-        logits = strategy.forward(probe).logits.detach().float()
+        logits = strategy.forward(to_device(probe, device())).logits.detach().float().cpu()
         if rank == 0:
             t_export = time.perf_counter()
             log.info("exporting the model in Hugging Face format to %s ...", model_dir)
@@ -347,7 +361,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "train_time_s": train_time, "run_dir": str(run_dir),
                "model_dir": str(model_dir) if job.train.export else None,
                "checkpoint_dir": str(ckpt_dir) if job.train.checkpoint is not False else None,
-               "ranks": _rank_info(strategy, rank, layout.world, local_samples)}
+               "memory": mem.record, "ranks": _rank_info(strategy, rank, layout.world, local_samples, mem)}
     # every rank says where it ran and what it did: multi-host runs are checked from these lines
     rank_env.to_console(f"rank {rank} host {os.uname().nodename}: {step} steps, {local_samples} samples of its "
                         f"shard, loss {loss:.4f}\n")
@@ -391,13 +405,13 @@ def _stop_early(strategy, save, step: int, last_save: int, reason: str, run_dir:
     return record
 
 
-def _rank_info(strategy, rank: int, world: int, local_samples: int) -> list[dict[str, Any]]:
+def _rank_info(strategy, rank: int, world: int, local_samples: int, mem=None) -> list[dict[str, Any]]:
     """Per rank: peak RSS and what the strategy says this rank holds (collective; rank 0 keeps it)."""
     import resource
 
     import torch.distributed as dist
     info = {"rank": rank, "host": os.uname().nodename, "samples": local_samples, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            **(strategy.shard_info() if hasattr(strategy, "shard_info") else {})}
+            **(strategy.shard_info() if hasattr(strategy, "shard_info") else {}), **(mem.report() if mem else {})}
     out: list[Any] = [None] * world
     dist.all_gather_object(out, info)
     return out
@@ -411,6 +425,7 @@ def _eval_sums(task, strategy, parts, layout, dp_rank: int, mb: int) -> dict[str
     import torch.distributed as dist
 
     n = len(parts.eval_data)
+    dev = device()
     mine = list(range(dp_rank, n, layout.dp))
     n_batches = math.ceil(math.ceil(n / layout.dp) / mb)
     sums: dict[str, float] = {}
@@ -420,14 +435,14 @@ def _eval_sums(task, strategy, parts, layout, dp_rank: int, mb: int) -> dict[str
                   mininterval=1.0, dynamic_ncols=True):
         idx = mine[i * mb:(i + 1) * mb]
         weight = 1.0 if idx else 0.0
-        batch = parts.collate([parts.eval_data[j] for j in (idx or mine[:1] or [0])])
+        batch = to_device(parts.collate([parts.eval_data[j] for j in (idx or mine[:1] or [0])]), dev)
         for k, v in task.eval_batch(strategy.forward(batch), batch).items():
             sums[k] = sums.get(k, 0.0) + weight * v
     keys = sorted(sums)
-    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=dev)
     if dist.is_initialized() and layout.dp > 1:
         dist.all_reduce(t)
-        t /= layout.tp * layout.pp  # every rank of a tp/pp group holds the same sums
+        t /= layout.world // layout.dp  # every rank of a tp/pp/sp group holds the same sums
     return dict(zip(keys, t.tolist(), strict=True))
 
 
@@ -436,8 +451,10 @@ def _print_summary(s: dict[str, Any]) -> None:
             ("final train loss", f"{s['final_train_loss']:.4f}")]
     rows += [(k.replace("_", " "), f"{v:.4f}") for k, v in s.items()
              if k in ("eval_loss", "perplexity", "accuracy")]
+    from launcher.memory import summary_row
     from launcher.mfu import summary_rows
-    rows += [("tokens/s", f"{s['tokens_per_s']:.0f}"), *summary_rows(s), ("train time", f"{s['train_time_s']:.1f} s"),
+    rows += [("tokens/s", f"{s['tokens_per_s']:.0f}"), *summary_rows(s), *summary_row(s.get("memory")),
+             ("train time", f"{s['train_time_s']:.1f} s"),
              ("model saved to", s["model_dir"]), ("checkpoints", s["checkpoint_dir"] or "none kept (train.checkpoint: false, as in dry runs)")]
     width = max(len(k) for k, _ in rows)
     print("\n== summary\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)

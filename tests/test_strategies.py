@@ -108,7 +108,7 @@ BAD = [
     ("ds_configs/tensor_parallel.json", ["ds.tensor_parallel.autotp_size=4"], 2,
      ["tensor_parallel.autotp_size = 4", "world size 2"]),
     ("ds_configs/pipeline.json", ["ds.zero_optimization.stage=3"], 2, ["zero_optimization.stage = 3", "ZeRO 0-1"]),
-    ("ds_configs/pipeline.json", ["ds.tensor_parallel.autotp_size=2"], 4, ["autotp_size = 2", "pipeline"]),
+    ("ds_configs/pipeline.json", ["ds.tensor_parallel.autotp_size=2"], 2, ["autotp_size = 2", "pipeline"]),
 ]
 
 
