@@ -49,19 +49,23 @@ class Manifest:
     """ZeRO offload (optimizer or parameters) to the CPU was on."""
     global_batch: int = 0
     """Samples per optimizer step (micro x accumulation x dp); 0 in manifests written before it was recorded."""
+    sp: int = 1
+    """Sequence-parallel size (1 in manifests written before it was recorded)."""
 
     def layout_key(self) -> dict[str, Any]:
-        return layout_key(self.dp, self.tp, self.pp, self.zero_stage, self.precision, self.offload)
+        return layout_key(self.dp, self.tp, self.pp, self.zero_stage, self.precision, self.offload, self.sp)
 
 
-def layout_key(dp: int, tp: int, pp: int, zero_stage: int, precision: str, offload: bool = False) -> dict[str, Any]:
+def layout_key(dp: int, tp: int, pp: int, zero_stage: int, precision: str, offload: bool = False,
+               sp: int = 1) -> dict[str, Any]:
     """What a checkpoint's files depend on: resuming under another value needs a conversion."""
     return {"data-parallel size": dp, "tensor-parallel size": tp, "pipeline stages": pp,
-            "ZeRO stage": zero_stage, "offload": offload, "precision": precision}
+            "ZeRO stage": zero_stage, "offload": offload, "precision": precision, "sequence-parallel size": sp}
 
 
-NOT_CONVERTIBLE: tuple[str, ...] = ()
-"""Layout keys a conversion cannot change (none: dp, tp, pp, ZeRO stage, offload and precision all convert)."""
+NOT_CONVERTIBLE: tuple[str, ...] = ("sequence-parallel size",)
+"""Layout keys a conversion cannot change: the sequence-parallel size (its ranks build their own groups
+around DeepSpeed's, launcher/sequence_parallel.py); dp, tp, pp, ZeRO stage, offload and precision convert."""
 
 
 def changes(was: dict[str, Any], will: dict[str, Any]) -> list[str]:
@@ -180,7 +184,7 @@ def remove_incomplete(ckpt_dir: Path) -> list[Path]:
 
 def check_resume(ckpt_dir: Path, now: dict[str, Any], run_dir: Path) -> tuple[Manifest, Path]:
     """The checkpoint to resume from, checked against this launch's layout; a LabsError names every
-    difference when one of them cannot be converted (NOT_CONVERTIBLE: none at present)."""
+    difference when one of them cannot be converted (NOT_CONVERTIBLE: the sequence-parallel size)."""
     best = newest(ckpt_dir)
     if best is None:
         left = incomplete(ckpt_dir)
@@ -195,8 +199,8 @@ def check_resume(ckpt_dir: Path, now: dict[str, Any], run_dir: Path) -> tuple[Ma
         raise LabsError(f"--resume {run_dir}: checkpoint {path.name} was saved with "
                         + ", ".join(f"{k} {v}" for k, v in was.items())
                         + f"; this launch changes {', '.join(f'{k} {was[k]} -> {now[k]}' for k in diffs)}. "
-                        f"A checkpoint converts to another data-parallel size, ZeRO stage, offload, precision or "
-                        f"number of pipeline stages, "
+                        f"A checkpoint converts to another data-parallel size, ZeRO stage, offload, precision, "
+                        f"tensor-parallel size or number of pipeline stages, "
                         f"not yet to another {' or '.join(k for k in NOT_CONVERTIBLE if k in diffs)}: keep "
                         f"{', '.join(f'{k} {was[k]}' for k in NOT_CONVERTIBLE if k in diffs)} (the run's own "
                         f"ds_config, {run_dir}/ds_config.json), or start a new run")

@@ -61,7 +61,8 @@ class EngineAccess:
         precision = "bf16" if e.bfloat16_enabled() else "fp16" if e.fp16_enabled() else "fp32"
         offload = any(x is not None and str(getattr(x.device, "value", x.device)) != "none"
                       for x in (e.zero_offload_optimizer(), e.zero_offload_param()))
-        return checkpoints.layout_key(self.layout.dp, self.layout.tp, self.layout.pp, self.stage, precision, offload)
+        return checkpoints.layout_key(self.layout.dp, self.layout.tp, self.layout.pp, self.stage, precision, offload,
+                                      self.layout.sp)
 
     def save(self, ckpt_dir: Path, tag: str, state: dict[str, Any], manifest: checkpoints.Manifest,
              keep: int = 0) -> None:

@@ -390,7 +390,7 @@ def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: s
         def on_layout(cfg: dict, layout: Layout) -> None:
             from launcher import checkpoints
             now = checkpoints.layout_key(layout.dp, layout.tp, layout.pp, dsconfig.zero_stage(cfg),
-                                         checkpoints.precision(cfg), any(dsconfig.offload(cfg)))
+                                         checkpoints.precision(cfg), any(dsconfig.offload(cfg)), layout.sp)
             # another layout: converted once at launch, keeping the run's global batch (cfg's triad)
             saved, path, said = checkpoints.resume_under(ckpt_dir, cfg, now, rd, ds_config)
             notes.append(f"resume: from {path} (step {saved.step}, saved {saved.reason})")

@@ -384,7 +384,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def manifest(job, cfg: dict[str, Any], layout, step: int, reason: str):
     from launcher import checkpoints
     from launcher.job import job_to_dict
-    return checkpoints.Manifest(step=step, world=layout.world, dp=layout.dp, tp=layout.tp, pp=layout.pp,
+    return checkpoints.Manifest(step=step, world=layout.world, dp=layout.dp, tp=layout.tp, pp=layout.pp, sp=layout.sp,
                                 zero_stage=int(cfg.get("zero_optimization", {}).get("stage", 0)),
                                 precision=checkpoints.precision(cfg), job_sha=checkpoints.sha(job_to_dict(job)),
                                 config_sha=checkpoints.sha(cfg), reason=reason)

@@ -276,3 +276,24 @@ def test_max_time_forms(text, seconds):
 def test_max_time_bad_forms(bad):
     with pytest.raises(ValueError):
         parse_duration(bad)
+
+
+def test_resume_under_another_sequence_parallel_size_is_refused_before_any_rank(tmp_path):
+    """A conversion does not change the sequence-parallel size: the plan names it and the fix (it
+    used to pass the plan and fail inside DeepSpeed's ranks)."""
+    from launcher import checkpoints
+    from launcher.errors import LabsError
+    ckpt = tmp_path / "run" / "checkpoints"
+    (ckpt / "step4").mkdir(parents=True)
+    m = checkpoints.Manifest(step=4, world=2, dp=1, tp=1, pp=1, sp=2, zero_stage=0, precision="fp32",
+                             job_sha="j", config_sha="c", global_batch=4)
+    checkpoints.write_manifest(ckpt / "step4", m)
+    checkpoints.write_latest(ckpt, "step4")
+    now = checkpoints.layout_key(2, 1, 1, 0, "fp32", False, 1)
+    with pytest.raises(LabsError, match=r"sequence-parallel size 2 -> 1.*not yet to another sequence-parallel size"):
+        checkpoints.check_resume(ckpt, now, tmp_path / "run")
+    assert checkpoints.read_manifest(ckpt / "step4").sp == 2
+    old = json.loads((ckpt / "step4" / checkpoints.MANIFEST).read_text())
+    del old["sp"]  # a manifest written before sp was recorded reads as sp 1
+    (ckpt / "step4" / checkpoints.MANIFEST).write_text(json.dumps(old))
+    assert checkpoints.read_manifest(ckpt / "step4").sp == 1
