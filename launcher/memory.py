@@ -207,7 +207,7 @@ def model_state_bytes(params: int, setup: Setup, largest: int = 0) -> dict[str, 
     four). fp32: 4 B params + 4 B grads + 8 B moments, and ZeRO's optimizers (stage >= 1) keep a 4 B fp32
     master partition even of fp32 parameters; ZeRO-3 holds its gradient partition twice during the step.
     bf16/fp16: DeepSpeed's mixed-precision accounting (2 + 2 + 4 fp32 grads + 4 master + 8 moments)."""
-    n = setup.dp
+    n = setup.dp * setup.sp  # sequence-parallel ranks hold replicas too: ZeRO partitions over dp x sp
     P = params
     frozen = 0
     if setup.trainable is not None:  # LoRA: the frozen base holds parameters only
@@ -284,7 +284,7 @@ def _rank_parts(shape: Shape, setup: Setup, k: int) -> tuple[int, dict[str, int]
     parts["activations" + (f" ({in_flight} micro-batches in flight)" if in_flight > 1 else "")] = acts * in_flight
     parts["logits + loss"] = logits
     trained = setup.trainable if setup.trainable is not None else P
-    opt_p = trained if setup.stage == 0 else trained // setup.dp
+    opt_p = trained if setup.stage == 0 else trained // (setup.dp * setup.sp)
     buffers = 0
     if setup.stage == 0 and (setup.dp > 1 or setup.pp > 1):
         buffers += 4 * trained  # the gradients flattened into one all-reduce buffer (the pipeline engine's even at dp 1)
