@@ -85,22 +85,20 @@ class Shape:
 
     @classmethod
     def of(cls, cfg: dict[str, Any], vocab: int) -> Shape | None:
+        from tasks.presets import block_params
         arch = cfg.get("arch") or cfg.get("model_type")
         if arch in ("llama", "mistral"):
             h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
             heads = cfg["num_attention_heads"]
             kv = cfg.get("num_key_value_heads") or heads
-            hd = cfg.get("head_dim") or h // heads
-            bias = 1 if cfg.get("attention_bias") else 0
-            block = (h * heads * hd + 2 * h * kv * hd + heads * hd * h + bias * (heads * hd + 2 * kv * hd + h)
-                     + 3 * h * i + 2 * h)
+            block = block_params(cfg)
             tied = bool(cfg.get("tie_word_embeddings", False))
             return cls(arch, vocab, h, n, heads, kv, i, tied, vocab * h * (1 if tied else 2) + n * block + h,
                        vocab * h, 0 if tied else vocab * h, block, h)
         if arch == "gpt2":
             h, n = cfg["n_embd"], cfg["n_layer"]
             inner = cfg.get("n_inner") or 4 * h
-            block = 4 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * inner + inner) + (inner * h + h)
+            block = block_params(cfg)
             embed = vocab * h + cfg.get("n_positions", 1024) * h
             return cls(arch, vocab, h, n, cfg["n_head"], cfg["n_head"], inner, True, embed + n * block + 2 * h,
                        embed, 0, block, 2 * h)

@@ -39,26 +39,37 @@ PRESETS: dict[str, dict[str, Any]] = {
 VOCAB = {"llama-sp": 32000, "gpt2-bpe": 50257, "bert-wp": 30522}
 
 
-def count_params(cfg: dict[str, Any], vocab: int) -> tuple[int, int]:
-    """(total parameters, largest single module's own parameters) for a llama/gpt2 config dict."""
+def block_params(cfg: dict[str, Any]) -> int:
+    """Parameters of one transformer block of a llama/mistral/gpt2 config dict (attention with its
+    biases if any, MLP, the block's norms)."""
     arch = cfg.get("arch") or cfg.get("model_type")
     if arch in ("llama", "mistral"):
-        h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+        h, i = cfg["hidden_size"], cfg["intermediate_size"]
         heads = cfg["num_attention_heads"]
         kv = cfg.get("num_key_value_heads") or heads
         hd = cfg.get("head_dim") or h // heads
         bias = 1 if cfg.get("attention_bias") else 0
         attn = h * heads * hd + 2 * h * kv * hd + heads * hd * h + bias * (heads * hd + 2 * kv * hd + h)
-        block = attn + 3 * h * i + 2 * h
+        return attn + 3 * h * i + 2 * h
+    if arch == "gpt2":
+        h = cfg["n_embd"]
+        inner = cfg.get("n_inner") or 4 * h
+        return 4 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * inner + inner) + (inner * h + h)
+    raise KeyError(arch)
+
+
+def count_params(cfg: dict[str, Any], vocab: int) -> tuple[int, int]:
+    """(total parameters, largest single module's own parameters) for a llama/gpt2 config dict."""
+    arch = cfg.get("arch") or cfg.get("model_type")
+    if arch in ("llama", "mistral"):
+        h, n = cfg["hidden_size"], cfg["num_hidden_layers"]
         tied = cfg.get("tie_word_embeddings", False)
-        total = vocab * h * (1 if tied else 2) + n * block + h
+        total = vocab * h * (1 if tied else 2) + n * block_params(cfg) + h
         return total, vocab * h
     if arch == "gpt2":
         h, n = cfg["n_embd"], cfg["n_layer"]
-        inner = cfg.get("n_inner") or 4 * h
         pos = cfg.get("n_positions", 1024)
-        block = 4 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * inner + inner) + (inner * h + h)
-        total = vocab * h + pos * h + n * block + 2 * h
+        total = vocab * h + pos * h + n * block_params(cfg) + 2 * h
         return total, vocab * h
     if arch == "bert":  # encoder + pooler; the classification head (h * labels + labels) is left out
         h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]

@@ -97,6 +97,20 @@ def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+def assert_same_losses(run_dir: Path, ref_dir: Path, steps: int, rel_tol: float) -> float:
+    """Every step's training loss and the last evaluation's loss of a sharded run equal the 1-rank
+    reference's within rel_tol (the last step's update is seen only by the evaluation: it checks the
+    gradients of all steps); returns the largest relative difference."""
+    got = [r["loss"] for r in read_metrics(run_dir)]
+    want = [r["loss"] for r in read_metrics(ref_dir)]
+    assert len(got) == len(want) == steps
+    for step, (a, b) in enumerate(zip(got, want, strict=True), 1):
+        assert abs(a - b) <= rel_tol * abs(b), f"step {step}: sharded {a} vs 1 rank {b}"
+    ev, ev_ref = read_metrics(run_dir, "eval")[-1]["eval_loss"], read_metrics(ref_dir, "eval")[-1]["eval_loss"]
+    assert abs(ev - ev_ref) <= rel_tol * ev_ref, f"eval: sharded {ev} vs 1 rank {ev_ref}"
+    return max(abs(a - b) / b for a, b in zip(got + [ev], want + [ev_ref], strict=True))
+
+
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 

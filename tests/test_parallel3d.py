@@ -10,7 +10,7 @@ accum 2 x dp 2), same seed and data, fp32; the reference is the plain HF model o
 from __future__ import annotations
 
 import pytest
-from conftest import assert_ok, launch, read_metrics, summary
+from conftest import assert_ok, assert_same_losses, launch, summary
 
 from launcher.errors import LabsError
 from launcher.layout import Layout, valid_layouts
@@ -36,15 +36,7 @@ def _run(tmp_path_factory, job: str, slots: int, *sets: str):
 
 
 def _assert_same_losses(run_dir, ref_dir):
-    got = [r["loss"] for r in read_metrics(run_dir)]
-    want = [r["loss"] for r in read_metrics(ref_dir)]
-    assert len(got) == len(want) == STEPS
-    for step, (a, b) in enumerate(zip(got, want, strict=True), 1):
-        assert abs(a - b) <= REL_TOL * abs(b), f"step {step}: parallel {a} vs 1 rank {b}"
-    # the last step's update is seen only by the evaluation: it checks the gradients of all steps
-    ev, ev_ref = read_metrics(run_dir, "eval")[-1]["eval_loss"], read_metrics(ref_dir, "eval")[-1]["eval_loss"]
-    assert abs(ev - ev_ref) <= REL_TOL * ev_ref, f"eval: parallel {ev} vs 1 rank {ev_ref}"
-    return max(abs(a - b) / b for a, b in zip(got + [ev], want + [ev_ref], strict=True))
+    return assert_same_losses(run_dir, ref_dir, STEPS, REL_TOL)
 
 
 @pytest.fixture(scope="module")

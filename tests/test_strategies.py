@@ -9,7 +9,7 @@ batch: equality then proves both the layer-list conversion and the sharded arith
 from __future__ import annotations
 
 import pytest
-from conftest import assert_ok, labs, launch, read_metrics, summary
+from conftest import assert_ok, assert_same_losses, labs, launch, summary
 
 STEPS = 5
 REL_TOL = 1e-3  # fp32; measured differences are ~1e-7 (pipeline, model parallel, tensor parallel)
@@ -30,13 +30,7 @@ def _run(tmp_path_factory, job: str, *sets: str, hostfile: str | None = None):
 
 
 def _assert_same_losses(run_dir, ref_dir):
-    got = [r["loss"] for r in read_metrics(run_dir)]
-    want = [r["loss"] for r in read_metrics(ref_dir)]
-    assert len(got) == len(want) == STEPS
-    for step, (a, b) in enumerate(zip(got, want, strict=True), 1):
-        assert abs(a - b) <= REL_TOL * abs(b), f"step {step}: sharded {a} vs 1 rank {b}"
-    ev, ev_ref = read_metrics(run_dir, "eval")[-1], read_metrics(ref_dir, "eval")[-1]
-    assert abs(ev["eval_loss"] - ev_ref["eval_loss"]) <= REL_TOL * ev_ref["eval_loss"]
+    return assert_same_losses(run_dir, ref_dir, STEPS, REL_TOL)
 
 
 @pytest.fixture(scope="module")
