@@ -111,6 +111,13 @@ def assert_same_losses(run_dir: Path, ref_dir: Path, steps: int, rel_tol: float)
     return max(abs(a - b) / b for a, b in zip(got + [ev], want + [ev_ref], strict=True))
 
 
+def min_world(cfg: dict) -> int:
+    """tp x pp x sp of a DeepSpeed config: the fewest ranks it runs on (the rest is data parallel)."""
+    tp = int((cfg.get("tensor_parallel") or {}).get("autotp_size") or 1)
+    pp = (cfg.get("pipeline") or {}).get("stages", 1)
+    return tp * (pp if isinstance(pp, int) else 1) * int(cfg.get("sequence_parallel_size") or 1)
+
+
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 

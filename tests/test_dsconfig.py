@@ -8,7 +8,7 @@ import json
 import time
 
 import pytest
-from conftest import REPO
+from conftest import REPO, min_world
 
 from launcher import dsconfig
 from launcher.errors import LabsError
@@ -367,9 +367,7 @@ def test_ops_needed(tmp_path):
 def test_every_shipped_config_validates(name):
     path = f"ds_configs/{name}"
     cfg = dsconfig.strip_comments(dsconfig.load_ds_config(REPO / path))
-    tp = int((cfg.get("tensor_parallel") or {}).get("autotp_size") or 1)
-    need = tp * cfg.get("pipeline", {}).get("stages", 1) * int(cfg.get("sequence_parallel_size") or 1)
-    layout = Layout.from_ds_config(cfg, max(2, need), path)  # 2 ranks, or what the config needs
+    layout = Layout.from_ds_config(cfg, max(2, min_world(cfg)), path)  # 2 ranks, or what the config needs
     cfg, notes = dsconfig.resolve_auto(cfg, path, dp=layout.dp, hidden_size=64, job_values={})
     cfg = dsconfig.resolve_batch(cfg, layout.dp, path)
     t = time.perf_counter()

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, labs
+from conftest import REPO, labs, min_world
 
 from launcher.errors import LabsError
 from launcher.hostfile import parse_hostfile
@@ -55,16 +55,12 @@ def test_batch_triad_depends_on_world_size(tmp_path):
 SHIPPED = sorted(p.name for p in (REPO / "ds_configs").glob("*.json"))
 
 
-def min_world(config: str) -> int:
-    """tp x pp x sp of a shipped config: the fewest ranks it runs on (the rest is data parallel)."""
+def _min_world(config: str) -> int:
     from launcher.dsconfig import load_ds_config
-    cfg = load_ds_config(REPO / "ds_configs" / config)
-    tp = int((cfg.get("tensor_parallel") or {}).get("autotp_size") or 1)
-    pp = (cfg.get("pipeline") or {}).get("stages", 1)
-    return tp * (pp if isinstance(pp, int) else 1) * int(cfg.get("sequence_parallel_size") or 1)
+    return min_world(load_ds_config(REPO / "ds_configs" / config))
 
 
-@pytest.mark.parametrize("config, slots", [(c, n) for c in SHIPPED for n in (1, 2, 4) if n % min_world(c) == 0])
+@pytest.mark.parametrize("config, slots", [(c, n) for c in SHIPPED for n in (1, 2, 4) if n % _min_world(c) == 0])
 def test_shipped_configs_fit_any_world_size(tmp_path, config, slots):
     """Micro batch and accumulation are fixed, the global batch derived: 1, 2 or 4 ranks all plan."""
     hf = write(tmp_path / "hosts", f"localhost slots={slots}\n")
