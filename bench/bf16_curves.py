@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from launcher.compare import run  # noqa: E402
+from launcher.tools.compare import run  # noqa: E402
 
 
 def plot(results: list[dict], png: Path, title: str) -> None:

@@ -4,7 +4,7 @@ PyTorch loop under torchrun, the HF Trainer with a DeepSpeed config), interleave
 An arm is one way to train the workload; `run_arm` starts it as its own process(es) and reads back the
 per-step times of global rank 0. Throughput is steady state: the tokens of the steps after the first
 `warmup` ones over their summed step time (each stack times forward + backward + optimizer step of
-one global batch, after the batch is in memory). MFU uses launcher/mfu.py's FLOPs per token and the
+one global batch, after the batch is in memory). MFU uses launcher/py's FLOPs per token and the
 matmul peak measured in the same invocation (ranks x the peak of one rank at its thread count).
 """
 
@@ -114,7 +114,7 @@ def command(arm: Arm, w: Workload, out: Path) -> tuple[list[str], dict[str, str]
         args += ["--ds_config", arm.ds_config or "ds_configs/zero2.json"]
     if arm.ranks == 1 and arm.kind == "torch":
         return [sys.executable, script, *args], _env(arm.threads, w.device)
-    from launcher.rank_env import free_port
+    from launcher.common.proc import free_port
     return [_bin("torchrun"), "--nproc_per_node", str(arm.ranks), "--master_addr", "127.0.0.1", "--master_port",
             str(free_port()), script, *args], _env(arm.threads, w.device)
 
@@ -174,7 +174,7 @@ def run_arm(arm: Arm, w: Workload, out: Path, timeout: int = 900) -> dict[str, A
     ours = _children_cpu_s() - ours0
     others = max(_busy_cpu_s() - busy0 - ours, 0.0) / (wall * (os.cpu_count() or 1))
     if "--master_port" in cmd:  # DeepSpeed's CPU comm op leaves a /dev/shm workspace per rank (labs removes its own)
-        from launcher.rank_env import remove_shm
+        from launcher.common.proc import remove_shm
         remove_shm(cmd[cmd.index("--master_port") + 1])
     log = (out / "log.txt").read_text(errors="replace")
     base = {"arm": arm.name, "wall_s": wall, "exit": code, "cpu_s": ours, "others_load": others}
@@ -192,9 +192,9 @@ def run_arm(arm: Arm, w: Workload, out: Path, timeout: int = 900) -> dict[str, A
 def peaks(arms: list[Arm], w: Workload, refresh: bool = True) -> dict[tuple[str, int], Any]:
     """The matmul peak of one rank for each (precision, threads) the arms use, measured now (and written
     to the cache the runs read, so their own summaries use the same denominators)."""
-    from launcher import mfu
+    from launcher.rank.peak import peak
     keys = sorted({(a.workload(w).precision, a.threads) for a in arms})
-    return {k: mfu.peak(k[0], k[1], device=w.device, refresh=refresh) for k in keys}
+    return {k: peak(k[0], k[1], device=w.device, refresh=refresh) for k in keys}
 
 
 def interleave(arms: list[Arm], w: Workload, repeats: int, out: Path, say=print) -> list[dict[str, Any]]:
@@ -221,7 +221,7 @@ def summarize(arms: list[Arm], w: Workload, results: list[dict[str, Any]], peak_
     from tasks.presets import PRESETS
     preset = None
     if w.model in PRESETS:
-        from launcher.mfu import preset_flops
+        from launcher.estimate.flops import preset_flops
         preset = preset_flops(w.model, w.seq).total
     by = {a.name: [r for r in results if r["arm"] == a.name and "error" not in r] for a in arms}
     base = {r["repeat"]: r["tokens_per_s"] for r in by.get(baseline, [])}
@@ -307,7 +307,7 @@ def machine() -> str:
     import torch
     import transformers
 
-    from launcher.mfu import cpu_model
+    from launcher.common.cache import cpu_model
     return (f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores; torch {torch.__version__}, DeepSpeed "
             f"{deepspeed.__version__}, transformers {transformers.__version__}")
 
@@ -315,7 +315,7 @@ def machine() -> str:
 def rebuild(folder: Path, md_name: str, baseline: str) -> str:
     """Re-summarize a results.json (its runs, arms and peaks) with this version's tables; rewrites
     FOLDER/MD_NAME keeping its first paragraph (the command, date and machine)."""
-    from launcher.mfu import Peak
+    from launcher.rank.peak import Peak
     data = json.loads((folder / "results.json").read_text())
     w = Workload(**data["workload"])
     names = set(Arm.__dataclass_fields__)

@@ -66,7 +66,7 @@ def main() -> int:
         trainer.train()
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     if rank == 0 and a.out_json:
-        from launcher.mfu import model_flops
+        from launcher.rank.mfu import model_flops
         seq = int(parts.train_data[0]["input_ids"].shape[-1])
         Path(a.out_json).write_text(json.dumps({
             "step_times": timer.times, "losses": losses, "tokens_per_step": a.micro * a.accum * world * seq,

@@ -19,8 +19,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from launcher.compare import run  # noqa: E402
-from launcher.memory import fmt_bytes  # noqa: E402
+from launcher.common.text import fmt_bytes  # noqa: E402
+from launcher.tools.compare import run  # noqa: E402
 
 STRATEGIES = "zero0@1,zero0,zero1,zero2,zero3,pipeline,model_parallel,tensor_parallel"
 

@@ -35,9 +35,10 @@ def build_parts(job_path: str, sets: list[str]):
     import numpy as np
     import torch
 
-    from launcher.job import _build, load_job
-    from tasks import get_task
+    from launcher.config.job import load_job
+    from launcher.config.schema import _build
     from tasks.options import OPTIONS
+    from tasks.registry import get_task
     job = load_job(job_path, sets)
     options = _build(OPTIONS[job.task], job.options, job.path, "options.")
     random.seed(job.train.seed)
@@ -153,7 +154,7 @@ def main() -> int:
                          "allreduce": 1000 * max(bwd_sync - mean_bwd, 0.0) if world > 1 and n_plain else 0.0,
                          "optimizer": 1000 * t_opt})
     if rank == 0 and a.out_json:
-        from launcher.mfu import model_flops
+        from launcher.rank.mfu import model_flops
         seq = int(micro[0]["input_ids"].shape[-1])
         keep = parts_ms[2:] or parts_ms
         Path(a.out_json).write_text(json.dumps({

@@ -16,14 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from launcher.errors import LabsError
-from launcher.masking import mask
-from launcher.rank_env import accelerator, extensions_dir
+from launcher.common.errors import LabsError
+from launcher.common.proc import accelerator, extensions_dir
+from launcher.common.text import mask
 
 if TYPE_CHECKING:
-    from launcher.plan import Plan
+    from launcher.launch.plan import Plan
 
-REPO = Path(__file__).resolve().parent.parent
+from launcher.common.run_dir import REPO
+
 # Passed from the launching shell to every rank (also on other hosts, through the env file).
 PASS_PREFIXES = ("HF_", "WANDB_", "LABS_", "NCCL_", "GLOO_")
 PASS_THROUGH = ("TRANSFORMERS_OFFLINE", "MALLOC_MMAP_THRESHOLD_")

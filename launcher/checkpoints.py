@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import LabsError
+from launcher.common.errors import LabsError
 
 MANIFEST = "labs_manifest.json"
 LATEST = "latest"

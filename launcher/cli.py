@@ -15,10 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.errors import LabsError
-from launcher.rank_env import STOP_FILE
-
-REPO = Path(__file__).resolve().parent.parent
+from launcher.common.errors import LabsError
+from launcher.common.run_dir import REPO, STOP_FILE
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -50,7 +48,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _plan(args: argparse.Namespace):
-    from launcher.plan import make_plan
+    from launcher.launch.make_plan import make_plan
 
     sets = [s for group in args.sets for s in group]
     for flag, key in (("epochs", "train.epochs"), ("max_steps", "train.max_steps"), ("data_dir", "data.data_dir"),
@@ -70,7 +68,7 @@ def _plan(args: argparse.Namespace):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launcher.plan import render
+    from launcher.launch.render import render
     print(render(_plan(args), verbose=args.verbose))
     return 0
 
@@ -78,11 +76,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_launch(args: argparse.Namespace) -> int:
     import time
 
-    from launcher import supervise
     from launcher.backends import build_command, check_ssh, check_tools
-    from launcher.masking import mask
-    from launcher.plan import render, write_run_files
-    from launcher.rank_env import EXIT_STOPPED, clear_stale_build_locks, free_port, port_free, remove_shm
+    from launcher.common.proc import clear_stale_build_locks, free_port, port_free, remove_shm
+    from launcher.common.run_dir import EXIT_STOPPED
+    from launcher.common.text import mask
+    from launcher.launch import supervise
+    from launcher.launch.make_plan import write_run_files
+    from launcher.launch.render import render
 
     if args.verbose:
         os.environ["LABS_VERBOSE"] = "1"  # passed to the ranks (LABS_*): they keep their output on the console
@@ -203,8 +203,8 @@ def _submit_slurm(plan, env: dict[str, str], detach: bool) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     (plan.run_dir / STOP_FILE).unlink(missing_ok=True)
-    from launcher import supervise
-    from launcher.rank_env import EXIT_STOPPED
+    from launcher.common.run_dir import EXIT_STOPPED
+    from launcher.launch import supervise
     if log.is_file():
         print(log.read_text()[-6000:], end="", flush=True)
     if stopped := supervise.stopped_record(plan.run_dir, started):
@@ -220,7 +220,8 @@ def _submit_slurm(plan, env: dict[str, str], detach: bool) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from tasks.presets import PRESETS, VOCAB, count_params
+    from launcher.estimate.shape import count_params
+    from tasks.presets import PRESETS, VOCAB
     for name, cfg in PRESETS.items():
         total, _ = count_params(cfg, VOCAB[cfg["tokenizer"]])
         print(f"{name:<12} {cfg['arch']:<6} {total / 1e6:7.1f}M params  tokenizer {cfg['tokenizer']}")

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from launcher import checkpoints
-from launcher.layout import Layout
-from launcher.rank_env import device, remove_shm
+from launcher.common.layout import Layout
+from launcher.common.proc import device, remove_shm
 
 
 def dp_mean(value: torch.Tensor, group=None, size: int | None = None) -> float:
@@ -104,7 +104,7 @@ class EngineAccess:
         import logging
 
         from launcher import reshard
-        from launcher.errors import LabsError
+        from launcher.common.errors import LabsError
         log = logging.getLogger("labs")
         was = saved.layout_key()
         if any(k in checkpoints.NOT_CONVERTIBLE for k in diffs) or (self.layout.tp > 1 and self.layout.pp > 1):
@@ -137,7 +137,7 @@ class DataParallel(EngineAccess):
     name = "data_parallel"
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], layout: Layout):
-        from launcher.dsconfig import wants_activation_checkpointing
+        from launcher.config.ds.load import wants_activation_checkpointing
         if wants_activation_checkpointing(config) and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in model.parameters() if p.requires_grad]
@@ -315,8 +315,8 @@ class PipelineParallel(EngineAccess):
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], layout: Layout):
         from deepspeed.pipe import PipelineModule
 
-        from launcher.dsconfig import wants_activation_checkpointing
-        from tasks.pipeline_layers import causal_lm_loss, pipeline_layers
+        from launcher.config.ds.load import wants_activation_checkpointing
+        from launcher.parallel.layers.pipeline import causal_lm_loss, pipeline_layers
 
         self.layout = layout
         self.hf_model = model
@@ -462,10 +462,10 @@ def release_shm_buffers() -> None:
 def build_strategy(model: torch.nn.Module, config: dict[str, Any], layout: Layout):
     release_shm_buffers()
     if layout.pp > 1 and layout.tp > 1:
-        from launcher.pipe_tensor_parallel import PipeTensorParallel
+        from launcher.parallel.pipe_tensor_parallel import PipeTensorParallel
         return PipeTensorParallel(model, config, layout)
     if layout.sp > 1:
-        from launcher.sequence_parallel import SequenceParallel
+        from launcher.parallel.sequence_parallel import SequenceParallel
         return SequenceParallel(model, config, layout)
     if layout.pp > 1:
         return PipelineParallel(model, config, layout)

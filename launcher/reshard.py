@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import checkpoints
-from launcher.errors import LabsError
+from launcher.common.errors import LabsError
 
 FOLDER = "consolidated"
 META = "labs_consolidated.json"
@@ -177,7 +177,7 @@ def pipeline_names(model) -> dict[str, str]:
     (tasks/pipeline_layers.py), whose layers wrap the model's own submodules."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-    from tasks.pipeline_layers import pipeline_layers
+    from launcher.parallel.layers.pipeline import pipeline_layers
     ids: dict[int, str] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         ids.setdefault(id(p), n)

@@ -18,8 +18,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import LabsError
-from launcher.rank_env import device, to_device
+from launcher.common.errors import LabsError
+from launcher.common.proc import device, to_device
 
 log = logging.getLogger("labs")
 
@@ -53,17 +53,17 @@ def parse_args(argv: list[str] | None, default_task: str | None) -> argparse.Nam
 
 def resolve_in_rank(args: argparse.Namespace, world: int):
     """(job, ds_config, layout) for this rank; the same checks as `labs plan`."""
-    from launcher import dsconfig
-    from launcher.job import load_job
-    from launcher.layout import Layout
-    from launcher.plan import resolve
+    from launcher.common.layout import Layout
+    from launcher.config.ds.load import resolve_batch
+    from launcher.config.job import load_job
+    from launcher.resolve import resolve
 
     conf = Path(args.config_dir or args.run_dir) if (args.config_dir or args.run_dir) else None
     if conf and (conf / "job.yaml").is_file() and not args.job:
         job = load_job(conf / "job.yaml", args.sets)
         cfg = json.loads((conf / "ds_config.json").read_text())
         layout = Layout.from_ds_config(cfg, world, str(conf / "ds_config.json"))
-        cfg = dsconfig.resolve_batch(cfg, layout.dp, str(conf / "ds_config.json"))
+        cfg = resolve_batch(cfg, layout.dp, str(conf / "ds_config.json"))
         return job, cfg, layout
     job, cfg, _, layout = resolve(args.job, ds_config=args.ds_config, hostfile=args.hostfile,
                                   sets=args.sets, dry_run=args.dry_run, world=world)
@@ -84,7 +84,7 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
     if rank != 0:
         from deepspeed.utils import logger as ds_logger
         ds_logger.setLevel(logging.WARNING)
-    from launcher.rank_env import quiet_deepspeed
+    from launcher.rank.setup import quiet_deepspeed
     quiet_deepspeed(run_dir / "logs" / f"rank{rank}.log")
 
 
@@ -166,28 +166,31 @@ def _setup_wandb(job, cfg: dict[str, Any], run_dir: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from launcher.rank_env import single_process_env
+    from launcher.common.proc import single_process_env
     single_process_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    from launcher import rank_env
+    from launcher.common.proc import COMM_OP_SECONDS, clear_stale_build_locks, comm_op_built, extensions_dir
+    from launcher.common.text import parse_duration
+    from launcher.rank.setup import StopRequest, quiet_console, to_console
     if args.run_dir:  # started by labs launch: the console is for rank 0's progress (-v: everything)
-        rank_env.quiet_console(Path(args.run_dir) / "logs" / f"rank{rank}.log", rank)
+        quiet_console(Path(args.run_dir) / "logs" / f"rank{rank}.log", rank)
     job, cfg, layout = resolve_in_rank(args, world)  # user errors surface before any collective
 
     import deepspeed
     import torch
     import torch.distributed as dist
 
+    from launcher.config.job import job_to_dict
+    from launcher.config.schema import _build
     from launcher.engine import build_strategy
-    from launcher.job import _build, job_to_dict
-    from tasks import get_task
     from tasks.options import OPTIONS
+    from tasks.registry import get_task
     if os.environ["DS_ACCELERATOR"] == "cpu":
-        rank_env.clear_stale_build_locks(say=lambda m: rank_env.to_console(f"[rank {rank}] {m}\n"))
-        if not rank_env.comm_op_built() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            rank_env.to_console(f"[rank {rank}] building DeepSpeed's CPU comm op into {rank_env.extensions_dir()} "
-                                f"(once per extensions folder, about {rank_env.COMM_OP_SECONDS} s)\n")
-    from launcher.memory import PeakMeter  # the rank's baseline: resident memory after the framework's imports
+        clear_stale_build_locks(say=lambda m: to_console(f"[rank {rank}] {m}\n"))
+        if not comm_op_built() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            to_console(f"[rank {rank}] building DeepSpeed's CPU comm op into {extensions_dir()} "
+                                f"(once per extensions folder, about {COMM_OP_SECONDS} s)\n")
+    from launcher.rank.meters import PeakMeter  # the rank's baseline: resident memory after the framework's imports
     mem = PeakMeter("cpu" if os.environ["DS_ACCELERATOR"] == "cpu" or not torch.cuda.is_available() else "cuda")
     deepspeed.init_distributed(dist_backend="gloo" if os.environ["DS_ACCELERATOR"] == "cpu" else None)
     mem.mark("distributed")
@@ -199,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dist.broadcast_object_list(box, src=0)
         run_dir = Path(box[0])
     _setup_logging(run_dir, rank)
-    stop = rank_env.StopRequest(run_dir, rank_env.parse_duration(job.train.max_time))  # from now on a signal saves
+    stop = StopRequest(run_dir, parse_duration(job.train.max_time))  # from now on a signal saves
     if rank == 0 and not (run_dir / "job.yaml").is_file():
         import yaml
         (run_dir / "job.yaml").write_text(yaml.safe_dump(job_to_dict(job), sort_keys=False))
@@ -214,10 +217,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mem.mark("built")
     n_params = sum(p.numel() for p in parts.model.parameters())
     n_train = sum(p.numel() for p in parts.model.parameters() if p.requires_grad)
-    from launcher.dsconfig import ops_needed
+    from launcher.config.ds.optim import ops_needed
     for op, seconds, built in ops_needed(cfg):
         if not built and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            rank_env.to_console(f"[rank {rank}] building DeepSpeed's {op} op into {rank_env.extensions_dir()} "
+            to_console(f"[rank {rank}] building DeepSpeed's {op} op into {extensions_dir()} "
                                 f"(once per extensions folder, about {seconds} s)\n")
     strategy = build_strategy(parts.model, cfg, layout)
     if job.train.compile:  # the plan allows it for data parallel only
@@ -299,17 +302,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             step += 1
             train_time += dt_step
             if mem.peak is None and (step >= mem.steps or step == total):  # the peak of the first steps
-                from launcher.memory import write_memory_record
+                from launcher.rank.meters import write_memory_record
                 mem.finish(step)
                 write_memory_record(mem, job, cfg, layout, metrics, step)  # collective: every rank is here
             tokens_seen += tokens
             if not math.isfinite(loss):
                 raise RuntimeError(f"loss became {loss} at step {step}")
             if step % job.train.log_every == 0 or step == total:
-                from launcher import mfu  # FLOPs/token and the peak: worked out (and logged) at the first call
+                from launcher.rank.mfu import summary_fields, train_fields
                 metrics.write({"kind": "train", "step": step, "epoch": epoch, "loss": loss, "lr": strategy.lr(),
                                "tokens_per_s": tokens / dt_step, "step_time_s": dt_step,
-                               **mfu.train_fields(parts.model, micro, cfg, layout, tokens, dt_step)})
+                               **train_fields(parts.model, micro, cfg, layout, tokens, dt_step)})
                 log.debug("step %d loss %.5f", step, loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
@@ -347,7 +350,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log.info("exported in %.1f s", time.perf_counter() - t_export)
             torch.save({"batch": probe, "logits": logits}, run_dir / "probe_logits.pt")
         dist.barrier()
-    from launcher import mfu
     if job.train.checkpoint is False:  # e.g. a dry run: nothing to resume, and it can be 100s of MB
         if rank == 0:
             import shutil
@@ -357,13 +359,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "zero_stage": cfg.get("zero_optimization", {}).get("stage", 0),
                "final_train_loss": loss, **eval_result,
                "tokens_per_s": tokens_seen / train_time if train_time else 0.0,
-               **mfu.summary_fields(parts.model, tokens_seen, train_time),
+               **summary_fields(parts.model, tokens_seen, train_time),
                "train_time_s": train_time, "run_dir": str(run_dir),
                "model_dir": str(model_dir) if job.train.export else None,
                "checkpoint_dir": str(ckpt_dir) if job.train.checkpoint is not False else None,
                "memory": mem.record, "ranks": _rank_info(strategy, rank, layout.world, local_samples, mem)}
     # every rank says where it ran and what it did: multi-host runs are checked from these lines
-    rank_env.to_console(f"rank {rank} host {os.uname().nodename}: {step} steps, {local_samples} samples of its "
+    to_console(f"rank {rank} host {os.uname().nodename}: {step} steps, {local_samples} samples of its "
                         f"shard, loss {loss:.4f}\n")
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -383,7 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def manifest(job, cfg: dict[str, Any], layout, step: int, reason: str):
     from launcher import checkpoints
-    from launcher.job import job_to_dict
+    from launcher.config.job import job_to_dict
     return checkpoints.Manifest(step=step, world=layout.world, dp=layout.dp, tp=layout.tp, pp=layout.pp, sp=layout.sp,
                                 zero_stage=int(cfg.get("zero_optimization", {}).get("stage", 0)),
                                 precision=checkpoints.precision(cfg), job_sha=checkpoints.sha(job_to_dict(job)),
@@ -451,8 +453,8 @@ def _print_summary(s: dict[str, Any]) -> None:
             ("final train loss", f"{s['final_train_loss']:.4f}")]
     rows += [(k.replace("_", " "), f"{v:.4f}") for k, v in s.items()
              if k in ("eval_loss", "perplexity", "accuracy")]
-    from launcher.memory import summary_row
-    from launcher.mfu import summary_rows
+    from launcher.rank.meters import summary_row
+    from launcher.rank.mfu import summary_rows
     rows += [("tokens/s", f"{s['tokens_per_s']:.0f}"), *summary_rows(s), *summary_row(s.get("memory")),
              ("train time", f"{s['train_time_s']:.1f} s"),
              ("model saved to", s["model_dir"]), ("checkpoints", s["checkpoint_dir"] or "none kept (train.checkpoint: false, as in dry runs)")]
@@ -461,7 +463,7 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None, default_task: str | None = None) -> None:
-    from launcher.rank_env import EXIT_STOPPED
+    from launcher.common.run_dir import EXIT_STOPPED
     args = parse_args(argv, default_task)
     status = RankStatus(args.run_dir)
     code, error = 0, ""
@@ -522,7 +524,7 @@ def _leave(code: int) -> None:
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         sys.exit(code)
-    from launcher.rank_env import EXIT_STOPPED
+    from launcher.common.run_dir import EXIT_STOPPED
     if code in (0, EXIT_STOPPED):
         try:
             dist.barrier()
@@ -540,3 +542,13 @@ def _leave(code: int) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def run_lab(task: str, argv: list[str] | None = None) -> None:
+    """`python -m tasks.LAB [worker flags]`: one rank of the worker running this lab. Without --job the
+    lab's own model and dataset replace the job defaults (the user's --set come after, so they win).
+    A lab imports this only under `if __name__ == "__main__":` (an entry point, as this module is)."""
+    from tasks.registry import lab_defaults
+    argv = sys.argv[1:] if argv is None else list(argv)
+    has_job = any(a == "--job" or a.startswith("--job=") for a in argv)
+    main(([] if has_job else ["--set", *lab_defaults(task)]) + argv, default_task=task)

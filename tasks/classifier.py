@@ -15,8 +15,8 @@ from pathlib import Path
 import datasets
 import torch
 
-from launcher.errors import LabsError
-from launcher.job import Job
+from launcher.common.errors import LabsError
+from launcher.config.job import Job
 from tasks.presets import PRESETS, VOCAB
 from tasks.text_data import load_splits, map_columns
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from launcher.errors import LabsError
-from launcher.job import Job
-from tasks.base import TaskParts, TensorRows
+from launcher.common.errors import LabsError
+from launcher.config.job import Job
+from tasks.api import TaskParts, TensorRows
 from tasks.causal_lm import build_causal_lm
 from tasks.options import FineTuneOptions
 from tasks.text_data import load_splits, require_column
@@ -70,6 +70,6 @@ def export(parts: TaskParts, state_dict: dict[str, torch.Tensor], out_dir: Path)
 
 
 if __name__ == "__main__":
-    from tasks import run_lab
+    from launcher.worker import run_lab
 
     run_lab("fine_tune")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from launcher.errors import LabsError
+from launcher.common.errors import LabsError
 
 log = logging.getLogger("labs")
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.errors import LabsError
-from launcher.job import FieldError, Job, Rule, _build, at_least, checked, non_empty, one_of
+from launcher.common.errors import LabsError
+from launcher.config.job import Job
+from launcher.config.schema import FieldError, Rule, _build, at_least, checked, non_empty, one_of
 
 LORA_RANK = at_least(1, "the rank of each adapter's matrices")
 LORA_ALPHA = at_least(1, "the update is scaled by alpha / r; 0 would train nothing")
@@ -90,6 +91,8 @@ class TinyLlamaOptions:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (HF gradient checkpointing)."""
 
+
+LORA_DEFAULT = TinyLlamaOptions().lora_target_modules
 
 OPTIONS: dict[str, type] = {
     "fine_tune": FineTuneOptions,

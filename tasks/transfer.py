@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from launcher.errors import LabsError
-from launcher.job import Job
-from tasks.base import TaskParts
+from launcher.common.errors import LabsError
+from launcher.config.job import Job
+from tasks.api import TaskParts
 from tasks.classifier import ClassifierMetric, PadCollate, build_classifier, encode, export_classifier, labelled_splits
 from tasks.options import TransferOptions
 from tasks.presets import PRESETS
@@ -86,6 +86,6 @@ def export(parts: TaskParts, state_dict: dict[str, torch.Tensor], out_dir: Path)
 
 
 if __name__ == "__main__":
-    from tasks import run_lab
+    from launcher.worker import run_lab
 
     run_lab("transfer")

@@ -32,8 +32,8 @@ def ds_ops() -> None:
     """Build DeepSpeed's CPU comm op once (about 20-70 s) before the first multi-rank test.
 
     A build killed mid-way leaves a `lock` file that makes every later rank wait for ever; one that no
-    process holds open is such a leftover and is removed (launcher.rank_env.clear_stale_build_locks)."""
-    from launcher.rank_env import clear_stale_build_locks
+    process holds open is such a leftover and is removed (launcher.common.proc.clear_stale_build_locks)."""
+    from launcher.common.proc import clear_stale_build_locks
     clear_stale_build_locks(os.environ["TORCH_EXTENSIONS_DIR"])
     code = ("from deepspeed.accelerator import get_accelerator;"
             "get_accelerator().create_op_builder('ShareMemCommBuilder').load()")

@@ -29,15 +29,16 @@ from conftest import REPO
 from hypothesis import HealthCheck, Phase, assume, event, given, settings
 from hypothesis import strategies as st
 
-from launcher import job as job_module
 from launcher.cli import main as labs_main
-from launcher.errors import LabsError
-from launcher.files import MAX_DEPTH, load_json, load_yaml, load_yaml_mapping, read_text
-from launcher.hostfile import HOST_NAME, MAX_SLOTS, load_hostfile, parse_hostfile
-from launcher.job import default_name, load_job, set_field, show
+from launcher.common.errors import LabsError
+from launcher.common.files import MAX_DEPTH, load_json, load_yaml, load_yaml_mapping, read_text
+from launcher.config import job as job_module
+from launcher.config.hostfile import HOST_NAME, MAX_SLOTS, load_hostfile, parse_hostfile
+from launcher.config.job import default_name, load_job, set_field
+from launcher.config.schema import show
+from tasks.data_check import SAMPLES, check_data_files, parse_label
 from tasks.options import check_options
 from tasks.presets import PRESETS
-from tasks.text_data import SAMPLES, check_data_files, parse_label
 
 FUZZ = settings(max_examples=100, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

@@ -1,4 +1,4 @@
-"""launcher/dsconfig.py: DeepSpeed's own parser in the plan, "auto" resolved as the HF Trainer does,
+"""launcher/py: DeepSpeed's own parser in the plan, "auto" resolved as the HF Trainer does,
 sections labs does not honour refused, precision rules, ops to build. One process, no ranks."""
 
 from __future__ import annotations
@@ -10,9 +10,14 @@ import time
 import pytest
 from conftest import REPO, min_world
 
-from launcher import dsconfig
-from launcher.errors import LabsError
-from launcher.layout import Layout
+from launcher.common.errors import LabsError
+from launcher.common.layout import Layout
+from launcher.config.ds.auto import DS_NATIVE_AUTO, find_auto, resolve_auto
+from launcher.config.ds.load import BATCH_KEYS, REFUSED, load_ds_config, resolve_batch, set_dotted, strip_comments
+from launcher.config.ds.optim import ops_needed
+from launcher.config.ds.parser import accepted_keys
+from launcher.config.ds.validate import check_keys, validate
+from launcher.estimate.shape import hidden_size_of
 
 PATH = "cfg.json"
 AUTO_CFG = {  # the shape of transformers' ds_config_zero3.json, "auto" everywhere the Trainer fills it
@@ -32,7 +37,7 @@ AUTO_CFG = {  # the shape of transformers' ds_config_zero3.json, "auto" everywhe
 
 
 def base(**changes) -> dict:
-    cfg = dsconfig.load_ds_config(REPO / "ds_configs" / "zero2.json")
+    cfg = load_ds_config(REPO / "ds_configs" / "zero2.json")
     cfg["train_batch_size"] = 8  # what "auto" becomes on 2 ranks (micro batch 2 x accumulation 2 x dp 2)
     cfg["bf16"] = {"enabled": False}  # "auto": what a job without train.bf16 gets
     cfg.update(changes)
@@ -41,14 +46,14 @@ def base(**changes) -> dict:
 
 def refused(cfg: dict, world: int = 2, accelerator: str = "cpu") -> str:
     with pytest.raises(LabsError) as e:
-        dsconfig.validate(cfg, PATH, world=world, accelerator=accelerator)
+        validate(cfg, PATH, world=world, accelerator=accelerator)
     msg = str(e.value)
     assert msg.startswith(PATH + ": ") and "\n" not in msg
     return msg
 
 
 def accepted(cfg: dict, world: int = 2, accelerator: str = "cpu") -> list[str]:
-    return dsconfig.validate(cfg, PATH, world=world, accelerator=accelerator)
+    return validate(cfg, PATH, world=world, accelerator=accelerator)
 
 
 # ---------------------------------------------------------------- DeepSpeed's own parser
@@ -88,9 +93,9 @@ def test_unknown_top_level_key_comes_from_the_installed_deepspeed():
     msg = refused(base(zero_optimisation={"stage": 2}))
     assert "unknown top-level key 'zero_optimisation'" in msg and "did you mean 'zero_optimization'" in msg
     from deepspeed.runtime.config import DeepSpeedConfig  # noqa: F401 (imported by accepted_keys too)
-    keys = dsconfig.accepted_keys()
+    keys = accepted_keys()
     assert {"zero_optimization", "optimizer", "bf16", "flops_profiler", "sequence_parallel_size"} <= keys
-    assert dsconfig.KNOWN_KEYS == keys
+    assert accepted_keys() == keys
 
 
 def test_range_and_enum_errors_name_field_value_and_default():
@@ -114,9 +119,9 @@ def test_comment_keys_are_accepted_and_stripped():
     cfg = base(_comment="from the HF docs")
     cfg["zero_optimization"]["_note"] = "buckets for a small model"
     assert accepted(cfg) == []
-    stripped = dsconfig.strip_comments(cfg)
+    stripped = strip_comments(cfg)
     assert "_comment" not in stripped and "_note" not in stripped["zero_optimization"]
-    dsconfig.check_keys(cfg, PATH)
+    check_keys(cfg, PATH)
 
 
 def test_deepspeed_warnings_come_back_instead_of_being_printed(capsys):
@@ -157,7 +162,7 @@ JOB = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.01, "war
 
 
 def test_auto_resolved_from_the_job_with_notes():
-    cfg, notes = dsconfig.resolve_auto(AUTO_CFG, PATH, dp=2, hidden_size=64, job_values=JOB)
+    cfg, notes = resolve_auto(AUTO_CFG, PATH, dp=2, hidden_size=64, job_values=JOB)
     opt, sched, zero = cfg["optimizer"]["params"], cfg["scheduler"]["params"], cfg["zero_optimization"]
     assert (opt["lr"], opt["betas"], opt["eps"], opt["weight_decay"]) == (3e-3, [0.9, 0.95], 1e-6, 0.01)
     assert sched == {"warmup_min_lr": 0, "warmup_max_lr": 3e-3, "warmup_num_steps": 5, "total_num_steps": 40}
@@ -170,12 +175,12 @@ def test_auto_resolved_from_the_job_with_notes():
     assert "train_batch_size = 16 (auto: micro batch 2 x grad accum 4 x data-parallel 2)" in notes
     assert any(n.startswith("zero_optimization.reduce_bucket_size = 4096 (auto, hidden*hidden") for n in notes)
     assert any(n.startswith("scheduler.params.total_num_steps = 40 (auto, from the job's train.max_steps") for n in notes)
-    assert dsconfig.find_auto(cfg) == []
-    accepted(dsconfig.resolve_batch(cfg, 2, PATH))  # and DeepSpeed takes the result
+    assert find_auto(cfg) == []
+    accepted(resolve_batch(cfg, 2, PATH))  # and DeepSpeed takes the result
 
 
 def test_auto_without_job_values_takes_the_hf_trainer_defaults():
-    cfg, notes = dsconfig.resolve_auto(AUTO_CFG, PATH, dp=1, hidden_size=64, job_values={"total_steps": 10})
+    cfg, notes = resolve_auto(AUTO_CFG, PATH, dp=1, hidden_size=64, job_values={"total_steps": 10})
     assert cfg["optimizer"]["params"] == {"lr": 5e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
                                           "torch_adam": True}
     assert cfg["scheduler"]["params"]["warmup_num_steps"] == 1  # max(1, 0): DeepSpeed 0.19 refuses 0
@@ -187,15 +192,15 @@ def test_auto_without_job_values_takes_the_hf_trainer_defaults():
 
 def test_hidden_size_from_presets_and_config_files():
     from tasks.presets import PRESETS
-    assert dsconfig.hidden_size_of(PRESETS["llama-small"]) == 256
-    assert dsconfig.hidden_size_of(PRESETS["gpt2-tiny"]) == 64
-    assert dsconfig.hidden_size_of({"hidden_sizes": [64, 128, 320]}) == 320
-    assert dsconfig.hidden_size_of({"text_config": {"hidden_size": 2048}}) == 2048
-    assert dsconfig.hidden_size_of(None) is None and dsconfig.hidden_size_of({"vocab_size": 10}) is None
+    assert hidden_size_of(PRESETS["llama-small"]) == 256
+    assert hidden_size_of(PRESETS["gpt2-tiny"]) == 64
+    assert hidden_size_of({"hidden_sizes": [64, 128, 320]}) == 320
+    assert hidden_size_of({"text_config": {"hidden_size": 2048}}) == 2048
+    assert hidden_size_of(None) is None and hidden_size_of({"vocab_size": 10}) is None
 
 
 def test_batch_derived_from_what_the_config_gives():
-    cfg, notes = dsconfig.resolve_auto({"train_batch_size": 16, "train_micro_batch_size_per_gpu": "auto",
+    cfg, notes = resolve_auto({"train_batch_size": 16, "train_micro_batch_size_per_gpu": "auto",
                                         "gradient_accumulation_steps": 2}, PATH, dp=2, hidden_size=None, job_values={})
     assert cfg["train_micro_batch_size_per_gpu"] == 4
     assert notes == ["train_micro_batch_size_per_gpu = 4 (auto: train_batch_size 16 / (grad accum 2 x data-parallel 2))"]
@@ -209,36 +214,36 @@ def test_batch_derived_from_what_the_config_gives():
 ])
 def test_auto_nothing_resolves_is_refused_naming_the_key(where, value, expected):
     cfg = copy.deepcopy(AUTO_CFG)
-    dsconfig.set_dotted(cfg, ".".join(where), value)
+    set_dotted(cfg, ".".join(where), value)
     with pytest.raises(LabsError) as e:
-        dsconfig.resolve_auto(cfg, PATH, dp=2, hidden_size=64, job_values={"total_steps": 10})
+        resolve_auto(cfg, PATH, dp=2, hidden_size=64, job_values={"total_steps": 10})
     assert str(e.value).startswith(PATH) and expected in str(e.value) and "write a value there" in str(e.value)
     cfg = base()  # validate refuses leftovers too
-    dsconfig.set_dotted(cfg, ".".join(where), value)
+    set_dotted(cfg, ".".join(where), value)
     assert expected in refused(cfg)
 
 
 def test_auto_needing_what_the_plan_does_not_know():
     with pytest.raises(LabsError, match=r"total_num_steps = \"auto\" needs the number of optimizer steps.*train\.max_steps"):
-        dsconfig.resolve_auto(AUTO_CFG, PATH, dp=2, hidden_size=64, job_values={})
+        resolve_auto(AUTO_CFG, PATH, dp=2, hidden_size=64, job_values={})
     with pytest.raises(LabsError, match=r"zero_optimization.reduce_bucket_size = \"auto\" is computed from the "
                                         r"model's hidden size"):
-        dsconfig.resolve_auto(AUTO_CFG, PATH, dp=2, hidden_size=None, job_values={"total_steps": 10})
+        resolve_auto(AUTO_CFG, PATH, dp=2, hidden_size=None, job_values={"total_steps": 10})
 
 
 def test_deepspeeds_own_auto_values_stay():
-    cfg, notes = dsconfig.resolve_auto(base(pipeline={"stages": "auto"}), PATH, dp=2, hidden_size=None, job_values={})
+    cfg, notes = resolve_auto(base(pipeline={"stages": "auto"}), PATH, dp=2, hidden_size=None, job_values={})
     assert cfg["pipeline"]["stages"] == "auto" and notes == []
     from deepspeed.runtime import constants
     from deepspeed.runtime.config import get_pipeline_config
     native = {f"pipeline.{k}" for k, v in get_pipeline_config({}).items() if v == "auto"}
     assert constants.KEEP_IN_FP32_MODULES_DEFAULT == "auto"
-    assert dsconfig.DS_NATIVE_AUTO == native | {"data_types.keep_in_fp32_modules"}
+    assert DS_NATIVE_AUTO == native | {"data_types.keep_in_fp32_modules"}
 
 
 def test_all_auto_batch_message_mentions_auto():
     with pytest.raises(LabsError, match=r"missing or \"auto\""):
-        dsconfig.resolve_batch({k: "auto" for k in dsconfig.BATCH_KEYS}, 2, PATH)
+        resolve_batch({k: "auto" for k in BATCH_KEYS}, 2, PATH)
 
 
 # ---------------------------------------------------------------- precision
@@ -246,7 +251,7 @@ def test_all_auto_batch_message_mentions_auto():
 @pytest.mark.parametrize("flags, fix", [("fpu amx_bf16", "use bf16 instead"), ("fpu avx2", "use fp32: set fp16.enabled")])
 def test_fp16_on_cpu_is_refused_with_the_fix(tmp_path, monkeypatch, flags, fix):
     (tmp_path / "cpuinfo").write_text(f"flags\t\t: {flags}\n")
-    monkeypatch.setattr(dsconfig, "CPUINFO", tmp_path / "cpuinfo")
+    monkeypatch.setattr("launcher.config.ds.optim.CPUINFO", tmp_path / "cpuinfo")
     msg = refused(base(fp16={"enabled": True}))
     assert "fp16.enabled = True on CPU" in msg and fix in msg and "fp32" in msg
     accepted(base(fp16={"enabled": True}), accelerator="cuda")
@@ -257,7 +262,7 @@ def test_fp16_on_cpu_is_refused_with_the_fix(tmp_path, monkeypatch, flags, fix):
 def test_bf16_on_cpu_needs_the_cpu_flags(tmp_path, monkeypatch, flags, ok):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-    monkeypatch.setattr(dsconfig, "CPUINFO", cpuinfo)
+    monkeypatch.setattr("launcher.config.ds.optim.CPUINFO", cpuinfo)
     cfg = base(bf16={"enabled": True})
     if ok:
         accepted(cfg)
@@ -283,10 +288,10 @@ REFUSED_VALUES = {
 }
 
 
-@pytest.mark.parametrize("key", sorted(dsconfig.REFUSED))
+@pytest.mark.parametrize("key", sorted(REFUSED))
 def test_sections_not_honoured_are_refused_with_reason(key):
     msg = refused(base(**{key: REFUSED_VALUES[key]}))
-    reason, fix = dsconfig.REFUSED[key]
+    reason, fix = REFUSED[key]
     assert f"{key} = " in msg and "not honoured" in msg and reason in msg and fix in msg
     if key == "autotuning":
         assert "deepspeed --autotuning" in msg
@@ -349,16 +354,16 @@ def test_optimizers_deepspeed_cannot_build_on_cpu():
 
 def test_ops_needed(tmp_path):
     cfg = base()
-    assert dsconfig.ops_needed(cfg, ext_dir=tmp_path) == []  # torch_adam: torch's AdamW
+    assert ops_needed(cfg, ext_dir=tmp_path) == []  # torch_adam: torch's AdamW
     del cfg["optimizer"]["params"]["torch_adam"]
-    assert dsconfig.ops_needed(cfg, ext_dir=tmp_path) == [("fused_adam", 112, False)]
+    assert ops_needed(cfg, ext_dir=tmp_path) == [("fused_adam", 112, False)]
     cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-    assert dsconfig.ops_needed(cfg, ext_dir=tmp_path) == [("cpu_adam", 155, False)]
+    assert ops_needed(cfg, ext_dir=tmp_path) == [("cpu_adam", 155, False)]
     (tmp_path / "cpu_adam").mkdir()
     (tmp_path / "cpu_adam" / "cpu_adam.so").write_bytes(b"")
-    assert dsconfig.ops_needed(cfg, ext_dir=tmp_path) == [("cpu_adam", 155, True)]
+    assert ops_needed(cfg, ext_dir=tmp_path) == [("cpu_adam", 155, True)]
     cfg["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": "/tmp"}
-    assert [op for op, _, _ in dsconfig.ops_needed(cfg, ext_dir=tmp_path)] == ["cpu_adam", "async_io"]
+    assert [op for op, _, _ in ops_needed(cfg, ext_dir=tmp_path)] == ["cpu_adam", "async_io"]
 
 
 # ---------------------------------------------------------------- the shipped configs
@@ -366,11 +371,11 @@ def test_ops_needed(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "ds_configs").glob("*.json")))
 def test_every_shipped_config_validates(name):
     path = f"ds_configs/{name}"
-    cfg = dsconfig.strip_comments(dsconfig.load_ds_config(REPO / path))
+    cfg = strip_comments(load_ds_config(REPO / path))
     layout = Layout.from_ds_config(cfg, max(2, min_world(cfg)), path)  # 2 ranks, or what the config needs
-    cfg, notes = dsconfig.resolve_auto(cfg, path, dp=layout.dp, hidden_size=64, job_values={})
-    cfg = dsconfig.resolve_batch(cfg, layout.dp, path)
+    cfg, notes = resolve_auto(cfg, path, dp=layout.dp, hidden_size=64, job_values={})
+    cfg = resolve_batch(cfg, layout.dp, path)
     t = time.perf_counter()
-    dsconfig.validate(cfg, path, world=layout.dp, accelerator="cpu")
+    validate(cfg, path, world=layout.dp, accelerator="cpu")
     assert time.perf_counter() - t < 10
     json.dumps(cfg)

@@ -22,8 +22,10 @@ import pytest
 from conftest import REPO, labs, read_metrics, run_dirs, wait_for_steps
 
 from launcher import checkpoints
-from launcher.errors import LabsError
-from launcher.rank_env import EXIT_STOPPED, clear_stale_build_locks, parse_duration
+from launcher.common.errors import LabsError
+from launcher.common.proc import clear_stale_build_locks
+from launcher.common.run_dir import EXIT_STOPPED
+from launcher.common.text import parse_duration
 
 JOB = "jobs/fine_tune_dry_run.yaml"  # tiny Llama, built-in text, 2 local ranks, ZeRO-0
 STEPS = 16
@@ -183,7 +185,7 @@ def test_busy_master_port_is_refused_before_anything_is_written(tmp_path):
 
 
 def test_two_launches_in_one_second_get_two_folders(tmp_path):
-    from launcher.plan import make_plan, write_run_files
+    from launcher.launch.make_plan import make_plan, write_run_files
     plans = [make_plan(JOB, sets=[f"train.output_dir={tmp_path}"], run_dir=str(tmp_path / "job" / "same"))
              for _ in range(2)]
     for p in plans:
@@ -282,7 +284,7 @@ def test_resume_under_another_sequence_parallel_size_is_refused_before_any_rank(
     """A conversion does not change the sequence-parallel size: the plan names it and the fix (it
     used to pass the plan and fail inside DeepSpeed's ranks)."""
     from launcher import checkpoints
-    from launcher.errors import LabsError
+    from launcher.common.errors import LabsError
     ckpt = tmp_path / "run" / "checkpoints"
     (ckpt / "step4").mkdir(parents=True)
     m = checkpoints.Manifest(step=4, world=2, dp=1, tp=1, pp=1, sp=2, zero_stage=0, precision="fp32",

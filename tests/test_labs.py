@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import SHARED_DATA, assert_ok, launch, read_metrics, summary
 
-from launcher.errors import LabsError
-from launcher.job import load_job
+from launcher.common.errors import LabsError
+from launcher.config.job import load_job
 
 
 def _job(tmp_path: Path, task: str, **data) -> object:

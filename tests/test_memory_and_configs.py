@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from launcher import dsconfig
-from launcher.layout import Layout
-from launcher.memory import zero_model_state_bytes
-from tasks.presets import PRESETS, VOCAB, count_params
+from launcher.common.layout import Layout
+from launcher.config.ds.load import load_ds_config, resolve_batch, zero_stage
+from launcher.config.ds.parser import accepted_keys
+from launcher.config.ds.validate import check_keys
+from launcher.estimate.memory import zero_model_state_bytes
+from launcher.estimate.shape import count_params
+from tasks.presets import PRESETS, VOCAB
 
 
 @pytest.mark.parametrize("world", [1, 2, 4, 16])
@@ -48,7 +51,7 @@ def test_plan_memory_equals_deepspeed_all_live_printout():
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_live
     from transformers import AutoModelForCausalLM
 
-    from launcher.plan import make_plan
+    from launcher.launch.make_plan import make_plan
     from tasks.causal_lm import preset_config
     model = AutoModelForCausalLM.from_config(preset_config("llama-58m", 32000))
     plan = make_plan("jobs/demo.yaml", sets=["model.name=llama-58m"])
@@ -67,14 +70,14 @@ def test_plan_memory_equals_deepspeed_all_live_printout():
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "ds_configs").glob("*.json")))
 def test_every_ds_config_is_accepted_by_deepspeed(path):
     from deepspeed.runtime.config import DeepSpeedConfig
-    cfg = dsconfig.load_ds_config(REPO / path)
-    dsconfig.check_keys(cfg, path)
+    cfg = load_ds_config(REPO / path)
+    check_keys(cfg, path)
     model = int((cfg.get("tensor_parallel") or {}).get("autotp_size", 1)) * int((cfg.get("pipeline") or {}).get("stages", 1))
     Layout.from_ds_config(cfg, max(2, model), path)  # the shipped layout fits 2 ranks (4 for pipeline x tensor)
     # Outside a process group DeepSpeed parses for a world of 1: let the batch size follow.
-    resolved = dsconfig.resolve_batch(cfg | {"train_batch_size": "auto"}, 1, path)
+    resolved = resolve_batch(cfg | {"train_batch_size": "auto"}, 1, path)
     parsed = DeepSpeedConfig(resolved)
-    assert parsed.zero_optimization_stage == dsconfig.zero_stage(cfg)
+    assert parsed.zero_optimization_stage == zero_stage(cfg)
     assert parsed.train_batch_size == resolved["train_batch_size"]
 
 
@@ -97,11 +100,11 @@ def test_known_keys_cover_everything_deepspeed_reads():
             return dict.__contains__(self, k)
 
     DeepSpeedConfig(Tracking(train_batch_size=2, train_micro_batch_size_per_gpu=2))
-    assert seen - dsconfig.KNOWN_KEYS == set()
+    assert seen - accepted_keys() == set()
 
 
 def test_jobs_all_plan(tmp_path):
-    from launcher.plan import make_plan
+    from launcher.launch.make_plan import make_plan
     for job in sorted(Path(REPO / "jobs").glob("*.yaml")):
         text = job.read_text()
         if "hostfiles/localhost" not in text:
@@ -115,9 +118,10 @@ def test_plan_counts_lora_adapters_like_peft():
     """The plan's LoRA count (tasks/presets.py, no torch) equals PEFT's on the real model."""
     from peft import LoraConfig, get_peft_model
 
+    from launcher.estimate.shape import lora_params
     from tasks.causal_lm import build_causal_lm
     from tasks.options import TinyLlamaOptions
-    from tasks.presets import PRESETS, lora_params
+    from tasks.presets import PRESETS
     targets = TinyLlamaOptions().lora_target_modules
     model, _ = build_causal_lm("llama-tiny")
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
@@ -127,8 +131,9 @@ def test_plan_counts_lora_adapters_like_peft():
 
 
 def test_plan_memory_for_lora_counts_the_frozen_base_once():
-    from launcher.plan import make_plan
-    from tasks.presets import PRESETS, lora_params
+    from launcher.estimate.shape import lora_params
+    from launcher.launch.make_plan import make_plan
+    from tasks.presets import PRESETS
     plan = make_plan("jobs/tinyllama_lora.yaml")
     total, largest = plan.params
     lora = lora_params(PRESETS["llama-small"], 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",

@@ -12,25 +12,28 @@ from __future__ import annotations
 import pytest
 from conftest import assert_ok, launch, read_metrics, summary
 
-from launcher import memory as M
-from launcher.layout import Layout
+from launcher.common.cache import store_baseline
+from launcher.common.layout import Layout
+from launcher.common.text import parse_size
+from launcher.estimate.memory import Setup, model_state_bytes, per_rank, predict, stage_params, zero_model_state_bytes
+from launcher.estimate.shape import Shape
 from tasks.presets import PRESETS, VOCAB
 
-SMALL = M.Shape.of(PRESETS["llama-small"], VOCAB["llama-sp"])
+SMALL = Shape.of(PRESETS["llama-small"], VOCAB["llama-sp"])
 MiB = 2**20
 
 
-def setup(config: str, seq: int = 64, world: int = 2, **kw) -> M.Setup:
+def setup(config: str, seq: int = 64, world: int = 2, **kw) -> Setup:
     """The Setup of ds_configs/<config>.json on `world` ranks, with the compare job's global batch (8)."""
     import json
 
     from conftest import REPO
 
-    from launcher import dsconfig
+    from launcher.config.ds.load import resolve_batch
     cfg = json.loads((REPO / "ds_configs" / f"{config}.json").read_text())
     layout = Layout.from_ds_config(cfg, world)
-    cfg = dsconfig.resolve_batch(cfg, layout.dp, config)
-    s = M.Setup.of(cfg, layout, seq, device="cpu")
+    cfg = resolve_batch(cfg, layout.dp, config)
+    s = Setup.of(cfg, layout, seq, device="cpu")
     for k, v in kw.items():
         setattr(s, k, v)
     return s
@@ -55,8 +58,8 @@ def test_fp32_model_states_equal_what_the_engines_hold(config):
     measured ZeRO-0 state is 299 MiB, which the plan used to print as 374."""
     n_local, params, master, grads, opt = MEASURED_STATES[config]
     s = setup(config)
-    assert M.stage_params(SMALL, s)[0] == n_local
-    got = M.model_state_bytes(n_local, s)
+    assert stage_params(SMALL, s)[0] == n_local
+    got = model_state_bytes(n_local, s)
     assert (got["params"], got["master"], got["grads"]) == (params, master, grads)
     assert 0 <= opt - got["optimizer"] < 1024  # Adam's step counters
 
@@ -65,30 +68,30 @@ def test_bf16_model_states_are_deepspeeds_mixed_precision_accounting():
     for stage in range(4):
         s = setup("zero0_bf16", stage=stage)
         largest = SMALL.embed
-        got = sum(M.model_state_bytes(SMALL.params, s, largest).values())
+        got = sum(model_state_bytes(SMALL.params, s, largest).values())
         if stage in (2, 3):  # the stages DeepSpeed has an estimator for (tests/test_memory_and_configs.py)
-            assert got == M.zero_model_state_bytes(stage, SMALL.params, largest, 2)
+            assert got == zero_model_state_bytes(stage, SMALL.params, largest, 2)
         else:
-            assert got == pytest.approx(M.zero_model_state_bytes(stage, SMALL.params, largest, 2), abs=8)
+            assert got == pytest.approx(zero_model_state_bytes(stage, SMALL.params, largest, 2), abs=8)
 
 
 def test_pipeline_stages_hold_their_layers_and_the_last_stage_the_logits():
     s = setup("pipeline")
-    p0, p1 = M.stage_params(SMALL, s)
+    p0, p1 = stage_params(SMALL, s)
     assert p0 + p1 == SMALL.params and p0 == MEASURED_STATES["pipeline"][0]
-    first, last = M.predict(SMALL, s)
+    first, last = predict(SMALL, s)
     assert first.parts["logits + loss"] == 0 < last.parts["logits + loss"]
     assert "2 micro-batches in flight" in " ".join(first.parts)  # 1F1B: stage 0 of 2 holds 2 of its 4
-    mp = M.predict(SMALL, setup("model_parallel"))
+    mp = predict(SMALL, setup("model_parallel"))
     assert mp[1].parts["logits + loss"] == 4 * last.parts["logits + loss"]  # one micro-batch of 8, not 2
 
 
 def test_activation_checkpointing_and_sequence_length_move_the_activations():
-    base = M.predict(SMALL, setup("zero0", seq=512))[0]
-    ckpt = M.predict(SMALL, setup("zero0", seq=512, checkpointing=True))[0]
+    base = predict(SMALL, setup("zero0", seq=512))[0]
+    ckpt = predict(SMALL, setup("zero0", seq=512, checkpointing=True))[0]
     assert ckpt.parts["activations"] < base.parts["activations"] / 2
     assert ckpt.parts["logits + loss"] == base.parts["logits + loss"]
-    short = M.predict(SMALL, setup("zero0", seq=64))[0]
+    short = predict(SMALL, setup("zero0", seq=64))[0]
     assert base.parts["logits + loss"] == 8 * short.parts["logits + loss"]
 
 
@@ -125,8 +128,8 @@ MEASURED_PEAKS = {
 @pytest.mark.parametrize("key", sorted(MEASURED_PEAKS), ids=lambda k: f"{k[0]}-{k[1]}-s{k[2]}")
 def test_prediction_within_20_percent_of_the_measured_peak(key):
     model, config, seq = key
-    shape = M.Shape.of(PRESETS[model], VOCAB["llama-sp"])
-    pred = M.per_rank(M.predict(shape, setup(config, seq=seq)))
+    shape = Shape.of(PRESETS[model], VOCAB["llama-sp"])
+    pred = per_rank(predict(shape, setup(config, seq=seq)))
     for rank, measured in enumerate(MEASURED_PEAKS[key]):
         ratio = pred[rank].above_baseline / (measured * MiB)
         assert 0.8 <= ratio <= 1.2, f"rank {rank}: predicted {pred[rank].above_baseline / MiB:.0f} MiB, " \
@@ -145,8 +148,8 @@ OTHER_PEAKS = {
 @pytest.mark.parametrize("key", sorted(OTHER_PEAKS), ids=lambda k: k[0])
 def test_prediction_of_single_launches(key):
     _, model, config, seq, data_lib = key
-    shape = M.Shape.of(PRESETS[model], VOCAB["llama-sp"])
-    pred = M.per_rank(M.predict(shape, setup(config, seq=seq, datasets=data_lib)))
+    shape = Shape.of(PRESETS[model], VOCAB["llama-sp"])
+    pred = per_rank(predict(shape, setup(config, seq=seq, datasets=data_lib)))
     for rank, measured in enumerate(OTHER_PEAKS[key]):
         ratio = pred[rank].above_baseline / (measured * MiB)
         assert 0.8 <= ratio <= 1.2, f"rank {rank}: predicted {pred[rank].above_baseline / MiB:.0f} MiB, " \
@@ -154,16 +157,17 @@ def test_prediction_of_single_launches(key):
 
 
 def test_sizes_parse():
-    assert M.parse_size("8GiB") == 8 * 2**30 and M.parse_size("512MiB") == 512 * MiB
-    assert M.parse_size("8GB") == 8 * 10**9 and M.parse_size("8g") == 8 * 2**30 and M.parse_size("1000") == 1000
+    assert parse_size("8GiB") == 8 * 2**30 and parse_size("512MiB") == 512 * MiB
+    assert parse_size("8GB") == 8 * 10**9 and parse_size("8g") == 8 * 2**30 and parse_size("1000") == 1000
     with pytest.raises(ValueError):
-        M.parse_size("lots")
+        parse_size("lots")
 
 
 def test_plan_prints_the_prediction_and_what_fits(monkeypatch, tmp_path):
     monkeypatch.setenv("LABS_CACHE_DIR", str(tmp_path))
-    M.store_baseline(400 * MiB, "test")
-    from launcher.plan import make_plan, render
+    store_baseline(400 * MiB, "test")
+    from launcher.launch.make_plan import make_plan
+    from launcher.launch.render import render
     plan = make_plan("jobs/compare.yaml")
     out = render(plan, verbose=False)
     line = next(x for x in out.splitlines() if "memory per rank, predicted peak" in x)
@@ -172,7 +176,7 @@ def test_plan_prints_the_prediction_and_what_fits(monkeypatch, tmp_path):
     plan.memory_budget = "64GiB"
     assert "fits: " in render(plan, verbose=False)
     # just under this config's peak: it does not fit; what fits is listed fastest first
-    peak = max(r.total for r in M.predict(SMALL, M.Setup.of(plan.ds_config, plan.layout, 64), 400 * MiB))
+    peak = max(r.total for r in predict(SMALL, Setup.of(plan.ds_config, plan.layout, 64), 400 * MiB))
     plan.memory_budget = str(peak - MiB)
     out = render(plan, verbose=False)
     assert "DOES NOT FIT" in out and "fastest first" in out
@@ -181,7 +185,7 @@ def test_plan_prints_the_prediction_and_what_fits(monkeypatch, tmp_path):
     seconds = [float(x.split("~")[1].split(" s/step")[0]) for x in options]
     assert seconds == sorted(seconds)
     plan.memory_budget = "lots"
-    from launcher.errors import LabsError
+    from launcher.common.errors import LabsError
     with pytest.raises(LabsError, match="--memory: 'lots' is not a size"):
         render(plan, verbose=False)
     plan.memory_budget = "1MiB"

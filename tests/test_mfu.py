@@ -1,5 +1,5 @@
 """MFU: FLOPs per token (hand count, and torch's FlopCounterMode), the cached matmul peak, the MFU in
-a run's summary.json / metrics.jsonl, and a bf16 config on 2 gloo ranks (launcher/mfu.py)."""
+a run's summary.json / metrics.jsonl, and a bf16 config on 2 gloo ranks (launcher/py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 from conftest import REPO, assert_ok, launch, read_metrics, summary
 
-from launcher import mfu
-from tasks.presets import PRESETS, VOCAB, count_params
+from launcher.common.cache import table_peak
+from launcher.estimate.flops import preset_flops, token_flops
+from launcher.estimate.shape import count_params
+from launcher.rank.mfu import Meter, model_flops, summary_rows
+from launcher.rank.peak import Peak, measure_matmul, peak
+from launcher.tools.peak import main
+from tasks.presets import PRESETS, VOCAB
 
 SEQ = 64
 
@@ -24,7 +29,7 @@ def test_flops_per_token_hand_count_llama_58m():
     n = layers * per_layer + vocab * h  # + LM head; the embedding lookup is not a matmul
     assert n == 42_074_112
     want = 6 * n + 12 * layers * h * s
-    got = mfu.preset_flops("llama-58m", s)
+    got = preset_flops("llama-58m", s)
     assert got.total == want == 277_610_496
     assert got.matmul_params == n and got.attention == 12 * layers * h * s
     assert got.formula == "6N + 12*L*h*s"
@@ -50,8 +55,8 @@ def test_flops_per_token_matches_flop_counter(name):
     with FlopCounterMode(display=False) as counter:
         model(input_ids=x, labels=x).loss.backward()
     measured = counter.get_total_flops() / x.numel()
-    formula = mfu.model_flops(model, SEQ)
-    assert formula.total == mfu.preset_flops(name, SEQ).total  # from the live model = from the preset
+    formula = model_flops(model, SEQ)
+    assert formula.total == preset_flops(name, SEQ).total  # from the live model = from the preset
     assert measured == pytest.approx(formula.total, rel=0.02)
 
 
@@ -72,7 +77,7 @@ def test_lora_flops_formula_against_flop_counter():
     x = torch.randint(0, 1000, (2, SEQ))
     with FlopCounterMode(display=False) as counter:
         model(input_ids=x, labels=x).loss.backward()
-    f = mfu.model_flops(model, SEQ)
+    f = model_flops(model, SEQ)
     adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert f.adapter_params == adapters > 0 and f.formula.startswith("4N")
     assert f.total == 4 * f.matmul_params + 6 * adapters + f.attention
@@ -87,54 +92,54 @@ def test_peak_is_cached_per_dtype_and_threads(tmp_path, monkeypatch):
         calls.append((dtype, threads))
         return {"flops": {"fp32": 1e11, "bf16": 5e11}[dtype] * threads, "size": 64}
 
-    first = mfu.peak("fp32", 1, measure=fake)
-    again = mfu.peak("fp32", 1, measure=fake)
+    first = peak("fp32", 1, measure=fake)
+    again = peak("fp32", 1, measure=fake)
     assert calls == [("fp32", 1)]  # the second call read the cache
     assert first.flops == again.flops == 1e11
     assert "measured now" in first.source and "cached" in again.source
-    assert mfu.peak("bf16", 1, measure=fake).flops == 5e11
-    assert mfu.peak("fp32", 2, measure=fake).flops == 2e11
+    assert peak("bf16", 1, measure=fake).flops == 5e11
+    assert peak("fp32", 2, measure=fake).flops == 2e11
     assert calls == [("fp32", 1), ("bf16", 1), ("fp32", 2)]
     data = json.loads((tmp_path / "peak.json").read_text())
     assert len(data) == 3 and all(k.startswith("cpu: ") for k in data)
     assert any("| bf16 | 1 threads" in k for k in data)
     # --refresh measures again and keeps the higher figure; --replace keeps the new one
     slower = lambda d, t, dev: (calls.append((d, t)), {"flops": 5e10, "size": 64})[1]  # noqa: E731
-    assert mfu.peak("fp32", 1, refresh=True, measure=slower).flops == 1e11 and calls[-1] == ("fp32", 1)
-    assert mfu.peak("fp32", 1, refresh=True, replace=True, measure=slower).flops == 5e10
-    assert mfu.peak("fp32", 1, measure=fake).flops == 5e10
+    assert peak("fp32", 1, refresh=True, measure=slower).flops == 1e11 and calls[-1] == ("fp32", 1)
+    assert peak("fp32", 1, refresh=True, replace=True, measure=slower).flops == 5e10
+    assert peak("fp32", 1, measure=fake).flops == 5e10
 
 
 def test_real_probe_and_labs_peak(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LABS_CACHE_DIR", str(tmp_path))
-    r = mfu.measure_matmul("fp32", 1, sizes=(256,), repeats=2)
+    r = measure_matmul("fp32", 1, sizes=(256,), repeats=2)
     assert r["size"] == 256 and 1e8 < r["flops"] < 1e14
-    monkeypatch.setattr(mfu, "measure_matmul", lambda d, t, dev: {"flops": 3e11, "size": 128})
-    assert mfu.main(["--dtype", "fp32", "--threads", "1"]) == 0
+    monkeypatch.setattr("launcher.rank.peak.measure_matmul", lambda d, t, dev: {"flops": 3e11, "size": 128})
+    assert main(["--dtype", "fp32", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "300.0 GFLOP/s" in out and str(tmp_path / "peak.json") in out
 
 
 def test_gpu_datasheet_peaks():
-    assert mfu.table_peak("cuda: NVIDIA H100 80GB HBM3", "bf16") == 989e12
-    assert mfu.table_peak("cuda: NVIDIA H100 PCIe", "bf16") == 756e12
-    assert mfu.table_peak("cuda: NVIDIA H200", "bf16") == 989e12
-    assert mfu.table_peak("cuda: NVIDIA A100-SXM4-80GB", "bf16") == 312e12
-    assert mfu.table_peak("cuda: NVIDIA L40S", "bf16") == 362e12
-    assert mfu.table_peak("cuda: NVIDIA A100-SXM4-80GB", "fp32") is None  # measured instead
-    assert mfu.table_peak("cuda: Some Future GPU", "bf16") is None
+    assert table_peak("cuda: NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert table_peak("cuda: NVIDIA H100 PCIe", "bf16") == 756e12
+    assert table_peak("cuda: NVIDIA H200", "bf16") == 989e12
+    assert table_peak("cuda: NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert table_peak("cuda: NVIDIA L40S", "bf16") == 362e12
+    assert table_peak("cuda: NVIDIA A100-SXM4-80GB", "fp32") is None  # measured instead
+    assert table_peak("cuda: Some Future GPU", "bf16") is None
 
 
 def test_meter_fields_and_summary_rows():
-    f = mfu.token_flops(1000, 2, 8, 16)  # 6000 + 12*2*8*16 = 9072
+    f = token_flops(1000, 2, 8, 16)  # 6000 + 12*2*8*16 = 9072
     assert f.total == 9072
-    m = mfu.Meter(f, mfu.Peak(1e6, "fp32", 1, "cpu: test", "measured"), ranks=2)
+    m = Meter(f, Peak(1e6, "fp32", 1, "cpu: test", "measured"), ranks=2)
     fields = m.fields(tokens=100, seconds=2.0)
     assert fields["flops_per_s"] == pytest.approx(9072 * 50)
     assert fields["mfu"] == pytest.approx(9072 * 50 / 2e6)
     s = m.summary(100, 2.0)
     assert s["peak_flops"] == 2e6 and "2 ranks x" in s["peak"]
-    rows = dict(mfu.summary_rows(s))
+    rows = dict(summary_rows(s))
     assert rows["MFU"].startswith("22.7% of 2.0 MFLOP/s")  # the denominator beside the MFU
 
 
@@ -148,7 +153,7 @@ def test_mfu_in_one_process_dry_run(tmp_path):
     run_dir = next(p.parent for p in tmp_path.glob("*/*/summary.json"))
     s = summary(run_dir)
     assert 0 < s["mfu"] < 1 and s["flops_per_s"] > 0 and s["peak_flops"] > 0
-    assert s["flops_per_token"] == mfu.preset_flops("llama-tiny", 32).total
+    assert s["flops_per_token"] == preset_flops("llama-tiny", 32).total
     assert "fp32" in s["peak"] and s["flops_formula"] == "6N + 12*L*h*s"
     rows = read_metrics(run_dir)
     assert rows and all(0 < r["mfu"] < 1 and r["flops_per_s"] > 0 for r in rows)
@@ -188,7 +193,7 @@ def test_bf16_configs_differ_from_fp32_only_in_precision():
 
 
 def test_compare_report_has_mfu(tmp_path):
-    from launcher.compare import write_report
+    from launcher.tools.compare import write_report
     r = {"strategy": "zero0@1", "world": 1, "dp": 1, "tp": 1, "pp": 1, "micro_batches": 4, "tokens_per_s": 1000.0,
          "step_time_s": 0.5, "peak_rss_bytes": [2**30], "state_bytes": [2**28], "global_batch": 8,
          "state_detail": [{"params": 1, "master": 0, "grads": 1, "optimizer": 2}], "formula_fp32_bytes": [2**28],
@@ -213,14 +218,14 @@ def test_bench_harness_tables_and_breakdown_parser():
              "others_load": 0.1, "exit": 0}
             for a, r, t in [("base", 0, 100.0), ("fast", 0, 200.0), ("base", 1, 50.0), ("fast", 1, 150.0),
                             ("base", 2, 100.0), ("fast", 2, 100.0)]]
-    peak = mfu.Peak(1e11, "fp32", 1, "cpu: test", "measured")
+    peak = Peak(1e11, "fp32", 1, "cpu: test", "measured")
     rows = harness.summarize(arms, w, runs, {("fp32", 1): peak, ("fp32", 2): peak}, "base")
     fast = rows[1]
     assert (fast["tokens_per_s"], fast["tokens_per_s_min"], fast["tokens_per_s_max"]) == (150.0, 100.0, 200.0)
     assert fast["ratio"] == 2.0 and (fast["ratio_min"], fast["ratio_max"]) == (1.0, 3.0)  # 200/100, 150/50, 100/100
     assert fast["best_ratio"] == 2.0 and fast["accum"] == 1 and rows[0]["accum"] == 2
-    assert fast["mfu"] == pytest.approx(150 * mfu.preset_flops("llama-small", 64).total / 1e11)
-    assert rows[0]["mfu"] == pytest.approx(100 * mfu.preset_flops("llama-small", 64).total / 2e11)  # 2 ranks
+    assert fast["mfu"] == pytest.approx(150 * preset_flops("llama-small", 64).total / 1e11)
+    assert rows[0]["mfu"] == pytest.approx(100 * preset_flops("llama-small", 64).total / 2e11)  # 2 ranks
     md = harness.table(rows, "base")
     assert "| fast | 1 x 2 | fp32 | 8 x 1 x 1 | default | 150 (100-200) | 2.00x (1.00-3.00) |" in md
 
@@ -228,13 +233,12 @@ def test_bench_harness_tables_and_breakdown_parser():
 def test_bf16_auto_follows_the_machine_and_the_job(tmp_path, monkeypatch):
     """train.bf16: auto turns bf16 on where the CPU lists amx_bf16/avx512_bf16 and off where it lists
     neither; a job that says nothing keeps fp32 (the equivalence tests' jobs)."""
-    from launcher import dsconfig
-    from launcher.plan import make_plan
+    from launcher.launch.make_plan import make_plan
 
     for flags, expect in (("fpu sse2 avx512f amx_bf16 amx_tile", True), ("fpu sse2 avx2", False)):
         info = tmp_path / f"cpuinfo-{expect}"
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        monkeypatch.setattr(dsconfig, "CPUINFO", info)
+        monkeypatch.setattr("launcher.config.ds.optim.CPUINFO", info)
         plan = make_plan("jobs/fine_tune_zero2.yaml", dry_run=True)
         assert plan.ds_config["bf16"]["enabled"] is expect
         assert any("bf16.enabled" in n and "train.bf16 = auto" in n for n in plan.notes), plan.notes
@@ -245,8 +249,8 @@ def test_compile_is_planned_for_data_parallel_and_refused_elsewhere():
     """train.compile (DeepSpeed's engine.compile) runs for data parallelism; a layout it was not made for
     is refused by the plan with the field to change (a compiled run is measured in docs/benchmarks.md:
     the suite cannot afford its minutes of inductor compilation on 2 cores)."""
-    from launcher.errors import LabsError
-    from launcher.plan import make_plan
+    from launcher.common.errors import LabsError
+    from launcher.launch.make_plan import make_plan
     plan = make_plan("jobs/fine_tune_dry_run.yaml", ds_config="ds_configs/zero2.json", sets=["train.compile=true"],
                      dry_run=True)
     assert plan.job.train.compile is True

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SHARED_DATA, assert_ok
 
-from launcher.errors import LabsError
-from launcher.job import load_job
-from launcher.rank_env import free_port
+from launcher.common.errors import LabsError
+from launcher.common.proc import free_port
+from launcher.config.job import load_job
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 NO_DATA = f"{SHARED_DATA} not present (LABS_DATA_DIR laid out like shared/data)"
@@ -54,7 +54,7 @@ def _torchrun(lab: str, out: Path, *args: str, data_dir: Path | None = None) -> 
 def test_lab_defaults_name_its_own_dataset_and_the_layout_when_offline(monkeypatch, lab, dataset, files):
     """Without --job a lab reads its own dataset; offline with no data folder, the error names the files
     that --data_dir / LABS_DATA_DIR must hold, and the dry run."""
-    from tasks import lab_defaults
+    from tasks.registry import lab_defaults
     from tasks.text_data import load_splits
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("LABS_DATA_DIR", raising=False)
@@ -70,7 +70,8 @@ def test_lab_defaults_name_its_own_dataset_and_the_layout_when_offline(monkeypat
 def test_a_classifier_given_plain_text_names_its_own_dataset(tmp_path):
     """The old failure: simple_model on the job defaults' wikitext through a data folder died on a missing
     `label` column; now the plan and the ranks say which dataset the lab reads."""
-    from tasks.text_data import check_data_files, load_splits
+    from tasks.data_check import check_data_files
+    from tasks.text_data import load_splits
     job = load_job(None, ["task=simple_model", f"data.data_dir={tmp_path}"])
     for check in (check_data_files, load_splits):
         with pytest.raises(LabsError, match=r"task 'simple_model' classifies labelled text.*data.dataset=ag_news "

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 from conftest import assert_ok, assert_same_losses, launch, summary
 
-from launcher.errors import LabsError
-from launcher.layout import Layout, valid_layouts
+from launcher.common.errors import LabsError
+from launcher.common.layout import Layout, valid_layouts
 
 STEPS = 3
 REL_TOL = 1e-3  # fp32; measured differences ~1e-7 for all three
@@ -124,7 +124,7 @@ def test_layout_orders_ranks_tp_then_sp_then_dp_then_pp():
 
 
 def _plan(tmp_path, job: str, slots: int, *sets: str):
-    from launcher.plan import make_plan
+    from launcher.launch.make_plan import make_plan
     hosts = tmp_path / f"hosts{slots}"
     hosts.write_text(f"localhost slots={slots}\n")
     return make_plan(job, hostfile=str(hosts), sets=list(sets), run_dir=str(tmp_path / "run"))

@@ -9,14 +9,15 @@ import json
 import pytest
 from conftest import SHARED_DATA
 
-from launcher.errors import LabsError
+from launcher.common.errors import LabsError
 
 # ---------------------------------------------------------------- retrieval and evaluation
 
 
 @pytest.fixture(scope="module")
 def rag_store(tmp_path_factory):
-    from tasks.rag import Embedder, build_store
+    from tasks.rag.embedding import Embedder
+    from tasks.rag.index import build_store
     emb = Embedder()
     return emb, build_store([], emb, "flat", tmp_path_factory.mktemp("rag") / "index", log=lambda *_: None)
 
@@ -34,7 +35,9 @@ def test_rag_retrieves_the_right_passage(rag_store):
 
 
 def test_rag_eval_metrics_and_index_kinds(rag_store, tmp_path):
-    from tasks.rag import BUILTIN_QUESTIONS, build_store, evaluate, load_questions
+    from tasks.rag.evaluation import evaluate
+    from tasks.rag.index import build_store
+    from tasks.rag.passages import BUILTIN_QUESTIONS, load_questions
     emb, store = rag_store
     qs = load_questions(str(BUILTIN_QUESTIONS))
     m = evaluate(store, emb, qs, k=5)
@@ -42,7 +45,7 @@ def test_rag_eval_metrics_and_index_kinds(rag_store, tmp_path):
     hnsw = build_store([], emb, "hnsw", tmp_path / "hnsw", log=lambda *_: None)
     assert evaluate(hnsw, emb, qs, k=5)["hit@5"] == 1.0
     # a question whose gold passage is absent counts as a miss
-    from tasks.rag import Question
+    from tasks.rag.passages import Question
     m = evaluate(store, emb, [qs[0], Question("What is deep learning?", ["x"], "tokenizer")], k=1)
     assert m["hit@1"] == 0.5 and m["extractive_contains_gold"] == 0.5
 
@@ -73,7 +76,7 @@ def test_rag_cli_and_bad_input(tmp_path, capsys):
 
 @pytest.mark.skipif(not (SHARED_DATA / "squad_v2").is_dir(), reason="../shared/data/squad_v2 not present")
 def test_squad_questions_load():
-    from tasks.rag import load_squad
+    from tasks.rag.passages import load_squad
     passages, questions = load_squad(SHARED_DATA / "squad_v2" / "dev-v2.0.json")
     assert len(passages) == 646 and len(questions) == 2910
 
@@ -86,7 +89,10 @@ def test_squad_questions_load():
 def test_off_topic_questions_get_no_answer_and_the_samples_questions_answers(rag_store):
     """The default threshold on the built-in passages: all 12 of their questions are answered from the
     right passage, all 60 off-topic questions get NO_ANSWER (calibration figures in docs/labs.md)."""
-    from tasks.rag import BUILTIN_QUESTIONS, NO_ANSWER, OFF_TOPIC_QUESTIONS, answer, evaluate, load_questions
+    from tasks.rag import answer
+    from tasks.rag.evaluation import evaluate
+    from tasks.rag.passages import BUILTIN_QUESTIONS, OFF_TOPIC_QUESTIONS, load_questions
+    from tasks.rag.threshold import NO_ANSWER
     emb, store = rag_store
     on, off = load_questions(str(BUILTIN_QUESTIONS)), load_questions(str(OFF_TOPIC_QUESTIONS))
     assert len(off) == 60 and all(q.no_answer and not q.answers and q.doc_id is None for q in off)
@@ -103,7 +109,8 @@ def test_off_topic_questions_get_no_answer_and_the_samples_questions_answers(rag
 
 
 def test_min_score_option_default_and_off(tmp_path, capsys):
-    from tasks.rag import DEFAULT_MIN_SCORE, main
+    from tasks.rag import main
+    from tasks.rag.threshold import DEFAULT_MIN_SCORE
     index = str(tmp_path / "index")
     assert DEFAULT_MIN_SCORE == 0.37
     assert main(["--dry_run", "--index_dir", index, "--query", "What is the capital of France?", "-k", "2"]) == 0
@@ -128,7 +135,8 @@ def test_relevance_penalises_a_sentence_without_a_shared_word(rag_store, monkeyp
 
 
 def test_ivf_index_gives_the_same_relevance(rag_store, tmp_path):
-    from tasks.rag import build_store, load_store, relevance
+    from tasks.rag.index import build_store, load_store
+    from tasks.rag.threshold import relevance
     emb, flat = rag_store
     build_store([], emb, "ivf", tmp_path / "ivf", log=lambda *_, **__: None)
     ivf = load_store(tmp_path / "ivf")  # read back from disk: reconstruct() needs its direct map again
@@ -144,7 +152,10 @@ FIXTURES = SHARED_DATA / "fixtures"
 def test_threshold_on_the_shared_squad_fixture(tmp_path):
     """12 SQuAD passages (Normans ...) with their 30 questions: all answered; the off-topic ones refused,
     "What is the capital of France?" too (the Normans' passages talk about France)."""
-    from tasks.rag import OFF_TOPIC_QUESTIONS, Embedder, build_store, evaluate, load_questions
+    from tasks.rag.embedding import Embedder
+    from tasks.rag.evaluation import evaluate
+    from tasks.rag.index import build_store
+    from tasks.rag.passages import OFF_TOPIC_QUESTIONS, load_questions
     emb = Embedder()
     store = build_store([str(FIXTURES / "rag_docs.jsonl")], emb, "flat", tmp_path / "i", log=lambda *_, **__: None)
     qs = load_questions(str(FIXTURES / "rag_qa.jsonl")) + load_questions(str(OFF_TOPIC_QUESTIONS))

@@ -26,7 +26,7 @@ import torch
 from conftest import assert_ok, labs, launch, read_metrics
 
 from launcher import checkpoints, reshard
-from launcher.errors import LabsError
+from launcher.common.errors import LabsError
 
 pytestmark = pytest.mark.distributed
 

@@ -38,7 +38,7 @@ def _env() -> dict:
 
 @pytest.mark.distributed
 def test_tp_generation_splits_weights_and_equals_one_process(tmp_path, ds_ops):
-    from tasks.rag import build_generator
+    from tasks.rag.generation import build_generator
 
     one = build_generator("llama-tiny", max_new_tokens=NEW_TOKENS, tp_size=1)
     want_ids, full = one.generate_ids(PROMPT), one.split_shapes()
@@ -102,8 +102,9 @@ def test_rag_cli_tp_size_relaunches_and_answers_like_one_process(tmp_path, ds_op
 
 
 def test_tp_size_errors(tmp_path, monkeypatch):
-    from launcher.errors import LabsError
-    from tasks.rag import build_generator, main
+    from launcher.common.errors import LabsError
+    from tasks.rag import main
+    from tasks.rag.generation import build_generator
 
     with pytest.raises(LabsError, match="--generator"):
         main(["--tp_size", "2", "--query", "x"])

@@ -11,9 +11,9 @@ import time
 import pytest
 from conftest import REPO, labs, min_world
 
-from launcher.errors import LabsError
-from launcher.hostfile import parse_hostfile
-from launcher.plan import make_plan
+from launcher.common.errors import LabsError
+from launcher.config.hostfile import parse_hostfile
+from launcher.launch.make_plan import make_plan
 
 
 def write(path, text):
@@ -56,7 +56,7 @@ SHIPPED = sorted(p.name for p in (REPO / "ds_configs").glob("*.json"))
 
 
 def _min_world(config: str) -> int:
-    from launcher.dsconfig import load_ds_config
+    from launcher.config.ds.load import load_ds_config
     return min_world(load_ds_config(REPO / "ds_configs" / config))
 
 
@@ -151,7 +151,7 @@ def test_offline_hub_model_names_the_flag(monkeypatch):
 
 def test_offline_hub_dataset_names_the_flag(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from launcher.job import load_job
+    from launcher.config.job import load_job
     from tasks.text_data import load_splits
     job = load_job("jobs/fine_tune_zero2.yaml", [])
     job.data.data_dir = None
@@ -182,7 +182,7 @@ def test_cli_exit_code_2_and_existing_run_folder_untouched(tmp_path):
 
 
 def test_plan_is_fast_and_starts_nothing():
-    from launcher.memory import framework_baseline
+    from launcher.launch.advice import framework_baseline
     framework_baseline()  # measured once per machine (a child process, seconds) and cached: not what is timed
     code = ("import sys, time; t = time.perf_counter(); from launcher.cli import main\n"
             "try: main(['plan', 'jobs/fine_tune_zero3.yaml'])\n"

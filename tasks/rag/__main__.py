@@ -2,7 +2,7 @@
 
 import sys
 
-from launcher.errors import LabsError
+from launcher.common.errors import LabsError
 from tasks.rag.cli import main
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ one process or split over N ranks (`deepspeed.init_inference`, AutoTP; tasks/rag
 
 from __future__ import annotations
 
-from launcher.errors import LabsError
+from launcher.common.errors import LabsError
 from tasks.rag.passages import Passage
 from tasks.rag.tensor_parallel import init_distributed, launcher_world, tp_grain
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.errors import LabsError
+from launcher.common.errors import LabsError
 from tasks.rag.embedding import Embedder
 from tasks.rag.passages import BUILTIN_DOCS, Passage, load_passages
 

@@ -54,7 +54,8 @@ def relaunch(argv: list[str], tp_size: int) -> int:
     """Alone with --tp_size N > 1: run the same command as N ranks on this host under torchrun."""
     import subprocess
 
-    from launcher.rank_env import REPO, accelerator, extensions_dir
+    from launcher.common.proc import accelerator, extensions_dir
+    from launcher.common.run_dir import REPO
     # as `labs launch` sets up its ranks: the project's pre-built DeepSpeed ops and the venv's ninja
     # first (another ninja version on PATH rebuilds them), the cores shared out between the ranks
     env = os.environ | {

@@ -53,7 +53,7 @@ def prepare_comm_op(timeout: float = 420) -> dict[str, str]:
     ext = extensions_dir()
     if not ext.exists() and SHARED_EXT.is_dir():
         shutil.copytree(SHARED_EXT, ext, ignore=shutil.ignore_patterns("lock"))
-    from launcher.rank_env import clear_stale_build_locks
+    from launcher.common.proc import clear_stale_build_locks
     clear_stale_build_locks(ext)  # a lock no process holds open is a killed build's
     env = rank_env()
     cmd = [str(VENV_BIN / "python"), "-c", _BUILD_COMM_OP]

@@ -1,0 +1,179 @@
+""""auto" in a DeepSpeed config, resolved where the HF Trainer resolves it (transformers/integrations/
+deepspeed.py, `HfTrainerDeepSpeedConfig.trainer_config_process` and `trainer_config_finalize`), from the
+job, the model's hidden size and the layout; its defaults are `TrainingArguments`' (`JOB_DEFAULTS`).
+DeepSpeed's pydantic models drop any other "auto" silently (their default applies), so any other is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from launcher.common.errors import LabsError
+from launcher.config.ds.load import BATCH_KEYS, _dotted, _walk, get_path, strip_comments
+from launcher.config.ds.optim import machine_bf16, machine_bf16_reason
+
+JOB_DEFAULTS: dict[str, Any] = {
+    "lr": 5e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "warmup_steps": 0,
+    "total_steps": None, "max_grad_norm": 1.0, "micro_batch": 8, "grad_accum": 1, "bf16": False, "fp16": False,
+}
+"""What `resolve_auto` takes from `job_values`, with the HF Trainer's defaults (TrainingArguments:
+learning_rate, adam_beta1/2, adam_epsilon, weight_decay, warmup_steps, max_steps (no default: the
+Trainer counts the data), max_grad_norm, per_device_train_batch_size, gradient_accumulation_steps,
+bf16, fp16) for keys the job leaves out or sets to None."""
+
+
+JOB_FIELDS: dict[str, str] = {
+    "lr": "train.lr", "betas": "train.betas", "eps": "train.eps", "weight_decay": "train.weight_decay",
+    "warmup_steps": "train.warmup_steps", "total_steps": "train.max_steps", "max_grad_norm": "train.max_grad_norm",
+    "micro_batch": "train.micro_batch", "grad_accum": "train.grad_accum", "bf16": "train.bf16", "fp16": "train.fp16",
+}
+"""The job field each job_values key comes from, as the notes name it."""
+
+
+DS_NATIVE_AUTO = frozenset({"pipeline.stages", "data_types.keep_in_fp32_modules"})
+"""Keys where "auto" is DeepSpeed's own value (its defaults; tests check them against DeepSpeed)."""
+
+
+HIDDEN_KEYS = {  # DeepSpeed's field name and its alias both count
+    "reduce_bucket_size": ("hidden*hidden", lambda h: h * h),
+    "stage3_prefetch_bucket_size": ("0.9*hidden*hidden", lambda h: int(0.9 * h * h)),
+    "prefetch_bucket_size": ("0.9*hidden*hidden", lambda h: int(0.9 * h * h)),
+    "stage3_param_persistence_threshold": ("10*hidden", lambda h: 10 * h),
+    "param_persistence_threshold": ("10*hidden", lambda h: 10 * h),
+}
+
+
+def find_auto(cfg: Any) -> list[str]:
+    """Dotted keys whose value is "auto", except where "auto" is DeepSpeed's own value."""
+    return [_dotted(p) for p, v in _walk(cfg) if v == "auto" and _dotted(p) not in DS_NATIVE_AUTO]
+
+
+def _refuse_auto(cfg: dict[str, Any], path: str) -> None:
+    left = find_auto(cfg)
+    if left:
+        raise LabsError(
+            f"{path}: {left[0]} = \"auto\", which nothing resolves"
+            + (f" (nor {', '.join(left[1:])})" if len(left) > 1 else "")
+            + "; DeepSpeed would silently use its default. \"auto\" is filled only where the HF Trainer "
+            "fills it (the batch triad, optimizer lr/betas/eps/weight_decay, scheduler warmup_min_lr/"
+            "warmup_max_lr/warmup_num_steps/total_num_steps, gradient_clipping, fp16/bf16 enabled, "
+            "zero_optimization reduce_bucket_size/stage3_prefetch_bucket_size/"
+            "stage3_param_persistence_threshold); write a value there"
+        )
+
+
+def resolve_auto(cfg: dict[str, Any], path: str, *, dp: int, hidden_size: int | None,
+                 job_values: dict[str, Any], accelerator: str = "cpu") -> tuple[dict[str, Any], list[str]]:
+    """The config with every "auto" resolved, and one note per value filled ("optimizer.params.lr =
+    5e-05 (auto, from the job's train.lr)"). Keys of `job_values` (see JOB_DEFAULTS / JOB_FIELDS):
+    lr, betas, eps, weight_decay, warmup_steps, total_steps (optimizer steps of the run), max_grad_norm,
+    micro_batch, grad_accum, bf16, fp16; a missing or None one takes the HF Trainer's default.
+    `dp` is the data-parallel size, `hidden_size` the model's (None when unknown before loading).
+    Any "auto" the HF Trainer would not fill is a LabsError naming the key. Comment keys are dropped."""
+    out = strip_comments(cfg)
+    notes: list[str] = []
+    unknown = set(job_values) - set(JOB_DEFAULTS)
+    if unknown:
+        raise TypeError(f"resolve_auto: unknown job_values keys {sorted(unknown)}; expected {sorted(JOB_DEFAULTS)}")
+
+    def job(key: str) -> tuple[Any, str]:
+        value = job_values.get(key)
+        if value is not None:
+            return value, f"from the job's {JOB_FIELDS[key]}"
+        return JOB_DEFAULTS[key], f"the HF Trainer's default; set {JOB_FIELDS[key]} in the job to choose"
+
+    def fill(keys: tuple[str, ...], value: Any, why: str) -> None:
+        node = get_path(out, keys[:-1])
+        node[keys[-1]] = value
+        notes.append(f"{_dotted(keys)} = {value!r} ({why})")
+
+    def is_auto(keys: tuple[str, ...]) -> bool:
+        return get_path(out, keys) == "auto"
+
+    # the batch triad: the job's micro batch and accumulation when the config has none
+    tb_k, mb_k, ga_k = BATCH_KEYS
+
+    def unset(k: str) -> bool:
+        return out.get(k) is None or out.get(k) == "auto"
+
+    def why(k: str, how: str) -> str:
+        return f"{'auto' if is_auto((k,)) else 'not set'}{how}"
+
+    if unset(mb_k) and unset(tb_k):
+        value, src = job("micro_batch")
+        fill((mb_k,), value, why(mb_k, f", {src}"))
+    if unset(ga_k) and (unset(tb_k) or unset(mb_k)):
+        value, src = job("grad_accum")
+        fill((ga_k,), value, why(ga_k, f", {src}"))
+    tb, mb, ga = (out.get(k) for k in BATCH_KEYS)
+    if unset(tb_k) and _positive(mb) and _positive(ga):
+        fill((tb_k,), mb * ga * dp, why(tb_k, f": micro batch {mb} x grad accum {ga} x data-parallel {dp}"))
+    elif unset(mb_k) and _positive(tb) and _positive(ga) and tb % (ga * dp) == 0:
+        fill((mb_k,), tb // (ga * dp), why(mb_k, f": train_batch_size {tb} / (grad accum {ga} x data-parallel {dp})"))
+    elif unset(ga_k) and _positive(tb) and _positive(mb) and tb % (mb * dp) == 0:
+        fill((ga_k,), tb // (mb * dp), why(ga_k, f": train_batch_size {tb} / (micro batch {mb} x data-parallel {dp})"))
+
+    if is_auto(("gradient_clipping",)):
+        value, src = job("max_grad_norm")
+        fill(("gradient_clipping",), value, f"auto, {src}")
+
+    lr, lr_src = job("lr")
+    params = ("optimizer", "params")
+    if isinstance(get_path(out, params), dict):
+        for key, jkey in (("lr", "lr"), ("betas", "betas"), ("eps", "eps"), ("weight_decay", "weight_decay")):
+            if is_auto(params + (key,)):
+                value, src = job(jkey)
+                fill(params + (key,), list(value) if key == "betas" else value, f"auto, {src}")
+
+    sched = ("scheduler", "params")
+    if isinstance(get_path(out, sched), dict):
+        if is_auto(sched + ("warmup_min_lr",)):
+            fill(sched + ("warmup_min_lr",), 0, "auto, 0 as the HF Trainer sets it")
+        if is_auto(sched + ("warmup_max_lr",)):
+            fill(sched + ("warmup_max_lr",), lr, f"auto, the learning rate, {lr_src}")
+        total, total_src = job("total_steps")
+        if is_auto(sched + ("total_num_steps",)):
+            if total is None:
+                raise LabsError(
+                    f"{path}: scheduler.params.total_num_steps = \"auto\" needs the number of optimizer steps of "
+                    f"the run, which the plan knows only from the job's {JOB_FIELDS['total_steps']}; set it "
+                    f"(--set {JOB_FIELDS['total_steps']}=N) or write a number here"
+                )
+            fill(sched + ("total_num_steps",), int(total), f"auto, {total_src}")
+        if is_auto(sched + ("warmup_num_steps",)):
+            warm, warm_src = job("warmup_steps")
+            if isinstance(warm, float) and 0 < warm < 1:  # a ratio, as HF's get_warmup_steps reads it
+                if total is None:
+                    raise LabsError(f"{path}: scheduler.params.warmup_num_steps = \"auto\" with a warmup ratio "
+                                    f"{warm} needs {JOB_FIELDS['total_steps']}; set it, or give warmup steps")
+                warm = math.ceil(total * warm)
+            fill(sched + ("warmup_num_steps",), max(1, int(warm)),
+                 f"auto, max(1, {warm}), {warm_src}; DeepSpeed 0.19 refuses 0 warmup steps")
+
+    for section, jkey in (("fp16", "fp16"), ("bf16", "bf16"), ("bfloat16", "bf16")):
+        if is_auto((section, "enabled")):
+            value, src = job(jkey)
+            if value == "auto":  # the job leaves it to the machine
+                value, src = machine_bf16(accelerator), f"{src} = auto: {machine_bf16_reason(accelerator)}"
+            fill((section, "enabled"), bool(value), f"auto, {src}")
+
+    zero = out.get("zero_optimization")
+    if isinstance(zero, dict):
+        autos = [k for k in HIDDEN_KEYS if zero.get(k) == "auto"]
+        if autos and hidden_size is None:
+            raise LabsError(
+                f"{path}: zero_optimization.{autos[0]} = \"auto\" is computed from the model's hidden size "
+                f"({HIDDEN_KEYS[autos[0]][0]}, as the HF Trainer does), which is unknown until this model is "
+                f"loaded (a hub model); write a number there, e.g. 5e7"
+            )
+        for k in autos:
+            formula, fn = HIDDEN_KEYS[k]
+            fill(("zero_optimization", k), fn(hidden_size), f"auto, {formula} with the model's hidden size {hidden_size}")
+
+    _refuse_auto(out, path)
+    return out, notes
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0

@@ -1,0 +1,127 @@
+"""Inside every rank: a quiet console (rank 0's progress on it, the rest in the rank's log), DeepSpeed's
+logger, and the stop signal (SIGTERM / SIGINT / a stop file / `train.max_time`) that makes every rank
+finish its step and save a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from launcher.common.proc import device
+from launcher.common.run_dir import STOP_FILE
+
+
+def verbose() -> bool:
+    return os.environ.get("LABS_VERBOSE", "") not in ("", "0")
+
+
+def quiet_console(log_file: Path, rank: int) -> None:
+    """Keep the console for what a user reads (rank 0's progress, its summary, errors): every rank's
+    stderr (Python and library warnings, tracebacks) and every other rank's stdout go to its log file
+    instead, where `labs launch` shows them if the rank fails first. `labs launch -v` (LABS_VERBOSE=1)
+    leaves everything on the console."""
+    if verbose():
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    global _console_fd
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _console_fd = os.dup(1)
+    os.dup2(fd, 2)
+    if rank != 0:
+        os.dup2(fd, 1)
+    os.close(fd)
+    import logging
+    import warnings
+    logging.captureWarnings(True)  # to stderr, which is the log file now
+    warnings.simplefilter("default")
+
+
+_console_fd: int | None = None
+
+
+def to_console(text: str) -> None:
+    """One write to the console even from a quiet rank (its line `rank R host H: ...`), in one piece so
+    that ranks sharing a pipe do not interleave."""
+    sys.stdout.flush()
+    os.write(_console_fd if _console_fd is not None else 1, text.encode())
+
+
+def quiet_deepspeed(log_file: Path) -> None:
+    """DeepSpeed's own logger writes INFO and WARNING lines to stdout: in quiet mode only its errors stay
+    on the console; the rest goes to the rank's log."""
+    if verbose():
+        return
+    import logging
+
+    from deepspeed.utils import logger as ds_logger
+    for h in ds_logger.handlers:
+        h.setLevel(logging.ERROR)
+    fh = logging.FileHandler(log_file)
+    fh.setLevel(logging.INFO)
+    fh.setFormatter(logging.Formatter("%(asctime)s [deepspeed %(levelname)s] %(message)s", "%H:%M:%S"))
+    ds_logger.addHandler(fh)
+
+
+class StopRequest:
+    """Why this rank should stop after its current step: a SIGTERM/SIGINT it received, the run
+    folder's STOP file, or `train.max_time` elapsed. `agreed()` is collective: every rank learns
+    whether any rank wants to stop, so all of them save the same step's checkpoint together.
+
+    The same signal a second time while stopping ends the rank at once (KeyboardInterrupt / SIGTERM)."""
+
+    def __init__(self, run_dir: Path | None = None, max_time: float | None = None):
+        self.reason: str | None = None
+        self.stop_file = run_dir / STOP_FILE if run_dir else None
+        self.deadline = time.monotonic() + max_time if max_time else None
+        self.max_time = max_time
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        # Only the same signal twice ends the rank at once: DeepSpeed's launcher answers a Ctrl-C
+        # (SIGINT to the whole terminal group) by sending its ranks SIGTERM too, right after.
+        if self.reason == f"signal {signal.Signals(signum).name}":
+            signal.signal(signum, signal.SIG_DFL)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.reason = f"signal {signal.Signals(signum).name}"
+
+    def local(self) -> str | None:
+        if self.reason:
+            return self.reason
+        if self.stop_file is not None and self.stop_file.exists():
+            try:
+                why = self.stop_file.read_text().strip().splitlines()[0]
+            except (OSError, IndexError):
+                why = "written by labs launch"
+            return f"the run's STOP file: {why}"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return f"train.max_time ({self.max_time:.0f} s) reached"
+        return None
+
+    def agreed(self) -> str | None:
+        """Collective over the default process group: the reason if any rank stops, else None."""
+        import torch
+        import torch.distributed as dist
+        mine = self.local()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return mine
+        codes = ["", "signal", "stop file", "max_time"]
+        code = 0 if mine is None else (1 if mine.startswith("signal") else 2 if "STOP" in mine else 3)
+        t = torch.tensor([code], dtype=torch.int32, device=device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if int(t) == 0:
+            return None
+        return mine or f"another rank's {codes[int(t)]}"
+
+
+def say_err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
