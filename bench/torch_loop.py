@@ -36,11 +36,11 @@ def build_parts(job_path: str, sets: list[str]):
     import torch
 
     from launcher.config.job import load_job
-    from launcher.config.schema import _build
+    from launcher.config.schema import build_section
     from tasks.options import OPTIONS
     from tasks.registry import get_task
     job = load_job(job_path, sets)
-    options = _build(OPTIONS[job.task], job.options, job.path, "options.")
+    options = build_section(OPTIONS[job.task], job.options, job.path, "options.")
     random.seed(job.train.seed)
     np.random.seed(job.train.seed)
     torch.manual_seed(job.train.seed)

@@ -130,7 +130,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
               f"continue it with:\n  labs launch {args.job} --resume {plan.run_dir}", flush=True)
         return EXIT_STOPPED
     if out.code == 0:
-        print(f"\nrun finished: {plan.run_dir} (summary.json, metrics.jsonl, hf/, checkpoints/)")
+        from launcher.common.run_dir import written
+        print(f"\nrun finished: {plan.run_dir} ({', '.join(written(plan.run_dir))})")
         return 0
     if out.signalled:
         print(f"\nrun ended by {out.signalled} before any checkpoint of this launch was saved"

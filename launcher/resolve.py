@@ -23,6 +23,7 @@ from launcher.config.hostfile import Hostfile, is_local, load_hostfile, select
 from launcher.config.job import Job, load_job, set_field
 from launcher.estimate.memory import Prediction, Setup, predict
 from launcher.estimate.shape import Shape, count_params, hidden_size_of, layout_dims, lora_params
+from launcher.parallel import choose
 from tasks.data_check import check_data_files
 from tasks.options import check_options
 from tasks.presets import PRESETS, VOCAB, model_config
@@ -115,7 +116,16 @@ def _check_model(job: Job) -> tuple[int, int] | None:
     return None
 
 
-PIPELINE_ARCHS = ("llama", "mistral", "gpt2")  # the model types tasks/pipeline_layers.py can cut
+def _check_strategy(job: Job, cfg: dict[str, Any], layout: Layout) -> None:
+    """The ZeRO stage and train.compile against what the chosen strategy runs with (launcher/parallel)."""
+    strategy = choose(layout)
+    if zero_stage(cfg) > strategy.max_zero:
+        raise LabsError(f"{job.ds_config}: {layout.describe()} with zero_optimization.stage = {zero_stage(cfg)}; "
+                        f"{strategy.name} runs with ZeRO 0-{strategy.max_zero} only (DeepSpeed's pipeline engine): "
+                        f"set zero_optimization.stage to {strategy.max_zero} or lower")
+    if job.train.compile and not strategy.compile:
+        raise LabsError(f"{job.path}: train.compile = true with {layout.describe()} ({strategy.name}): torch.compile "
+                        f"runs here for data parallelism (ZeRO 0-3) only; set train.compile to false for this layout")
 
 
 def _check_model_layout(job: Job, layout: Layout) -> None:
@@ -130,24 +140,17 @@ def _check_model_layout(job: Job, layout: Layout) -> None:
     if shape is None:
         return  # a hub model: checked when the ranks load it
     where = f"{job.ds_config} with model.name = {job.model.name!r} ({job.path})"
+    strategy = choose(layout)
+    if strategy.archs is not None and shape["arch"] not in strategy.archs:
+        raise LabsError(f"{where}: {layout.describe()} is {strategy.name}, which applies to model types "
+                        f"{', '.join(strategy.archs)}, not {shape['arch']!r}: {strategy.arch_fix}")
     if layout.pp > 1:
-        if shape["arch"] not in PIPELINE_ARCHS:
-            raise LabsError(f"{where}: pipeline.stages = {layout.pp}, but model type {shape['arch']!r} has no "
-                            f"pipeline layer list (tasks/pipeline_layers.py knows {', '.join(PIPELINE_ARCHS)}); "
-                            f"use a ZeRO or tensor_parallel config for it")
-        if layout.tp > 1 and shape["arch"] not in ("llama", "mistral"):
-            raise LabsError(f"{where}: pipeline.stages = {layout.pp} with tensor_parallel.autotp_size = {layout.tp}: "
-                            f"the stages' blocks are sliced by tasks/tp_layers.py, which knows Llama-family blocks "
-                            f"only, not {shape['arch']!r}; use pipeline or tensor parallelism alone for it")
         if shape["layers"] and layout.pp > shape["layers"]:
             raise LabsError(f"{where}: pipeline.stages = {layout.pp} is more than the model's "
                             f"{shape['layers']} transformer blocks; each stage needs at least one block: "
                             f"set pipeline.stages <= {shape['layers']}")
     if layout.sp > 1:
         from launcher.common.layout import valid_layouts
-        if shape["arch"] not in ("llama", "mistral"):
-            raise LabsError(f"{where}: sequence_parallel_size = {layout.sp}, but Ulysses attention is wired for "
-                            f"Llama-family models only, not {shape['arch']!r}; remove sequence_parallel_size")
         if shape["heads"] and shape["heads"] % layout.sp:
             raise LabsError(f"{where}: sequence_parallel_size = {layout.sp} does not divide the model's "
                             f"{shape['heads']} attention heads (Ulysses gives each rank whole heads); valid layouts "
@@ -215,12 +218,7 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
     layout = Layout.from_ds_config(cfg, world or hf.world_size, job.ds_config)
     if on_layout is not None:  # a resume checks the checkpoint's layout before the batch triad
         on_layout(cfg, layout)
-    if layout.pp > 1 and zero_stage(cfg) >= 2:
-        raise LabsError(f"{job.ds_config}: pipeline.stages = {layout.pp} with zero_optimization.stage = "
-                        f"{zero_stage(cfg)}; DeepSpeed's pipeline engine supports ZeRO 0-1 only")
-    if job.train.compile and (layout.pp > 1 or layout.tp > 1 or layout.sp > 1):
-        raise LabsError(f"{job.path}: train.compile = true with {layout.describe()}: torch.compile runs here for "
-                        f"data parallelism (ZeRO 0-3) only; set train.compile to false for this layout")
+    _check_strategy(job, cfg, layout)
     cfg = _add_optimizer(cfg, notes)
     t = job.train
     cfg, resolved = resolve_auto(

@@ -19,7 +19,7 @@ from typing import Any
 from launcher.common.errors import LabsError
 from launcher.common.files import MiB, decode_text, is_file
 from launcher.config.job import Job
-from launcher.config.schema import _build, show
+from launcher.config.schema import build_section, show
 from tasks.options import CAUSAL_LM_TASKS, CLASSIFIER_TASKS, OPTIONS
 
 DATA_CHECK_BYTES = 4 * MiB
@@ -58,7 +58,7 @@ def _job_columns(job: Job) -> _Columns:
     d = job.data
     if job.task in CAUSAL_LM_TASKS:
         return _Columns(d.column_names or None, [d.text_column], None)
-    options = _build(OPTIONS[job.task], job.options, job.path, "options.")
+    options = build_section(OPTIONS[job.task], job.options, job.path, "options.")
     return _Columns(d.column_names or None, d.text_columns or [d.text_column], d.label_column, d.label_offset,
                     options.num_labels)
 

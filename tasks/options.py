@@ -12,7 +12,7 @@ from typing import Any
 
 from launcher.common.errors import LabsError
 from launcher.config.job import Job
-from launcher.config.schema import FieldError, Rule, _build, at_least, checked, non_empty, one_of
+from launcher.config.schema import FieldError, Rule, at_least, build_section, checked, non_empty, one_of
 
 LORA_RANK = at_least(1, "the rank of each adapter's matrices")
 LORA_ALPHA = at_least(1, "the update is scaled by alpha / r; 0 would train nothing")
@@ -115,7 +115,7 @@ def check_options(job: Job, model_cfg: dict[str, Any] | None) -> Any:
     """The job's task options, built and checked (types, ranges), then checked against the model:
     `model_cfg` is the preset's dict or the model folder's config.json (None for a hub id: the ranks
     check what needs the model). Returns the options dataclass instance."""
-    options = _build(OPTIONS[job.task], job.options, job.path, "options.")
+    options = build_section(OPTIONS[job.task], job.options, job.path, "options.")
     if not isinstance(model_cfg, dict):
         return options
     arch = model_cfg.get("arch") or model_cfg.get("model_type")

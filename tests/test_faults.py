@@ -21,7 +21,21 @@ from pathlib import Path
 import pytest
 from conftest import REPO, labs, read_metrics, run_dirs, wait_for_steps
 
-from launcher import checkpoints
+from launcher.checkpoint.store import (
+    Manifest,
+    changes,
+    check_resume,
+    complete,
+    latest_note,
+    layout_key,
+    newest,
+    prune,
+    read_manifest,
+    remove_incomplete,
+    resume_under,
+    write_latest,
+    write_manifest,
+)
 from launcher.common.errors import LabsError
 from launcher.common.proc import clear_stale_build_locks
 from launcher.common.run_dir import EXIT_STOPPED
@@ -81,7 +95,7 @@ def _stop_and_resume(tmp_path: Path, uninterrupted: list[float], *backend: str) 
     assert 2 <= step < STEPS and "STOP file" in stopped["reason"]
     assert f"run stopped after step {step} (SIGTERM to labs launch)" in output
     assert f"--resume {run_dir}" in output
-    man = checkpoints.read_manifest(run_dir / "checkpoints" / f"step{step}")
+    man = read_manifest(run_dir / "checkpoints" / f"step{step}")
     assert man is not None and man.step == step and man.world == 2 and man.dp == 2
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step{step}"
     assert not _processes_of(run_dir)
@@ -96,7 +110,7 @@ def _stop_and_resume(tmp_path: Path, uninterrupted: list[float], *backend: str) 
     assert ((run_dir / "job.yaml").read_text(), (run_dir / "ds_config.json").read_text()) == original
     (resumed_conf,) = list((run_dir / "resumes").glob("*/job.yaml"))
     assert "keep_checkpoints: 1" in resumed_conf.read_text()
-    assert [m.step for m, _ in checkpoints.complete(run_dir / "checkpoints")] == [STEPS]  # the override applied
+    assert [m.step for m, _ in complete(run_dir / "checkpoints")] == [STEPS]  # the override applied
     resumed = read_metrics(run_dir)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in resumed] == uninterrupted  # bit-exact, before and after the stop
@@ -156,7 +170,7 @@ def test_max_time_and_stale_lock_in_one_process(ds_ops, tmp_path):
     (run_dir,) = run_dirs(tmp_path)
     stopped = json.loads((run_dir / "stopped.json").read_text())
     assert "train.max_time (4 s) reached" in stopped["reason"]
-    assert checkpoints.newest(run_dir / "checkpoints")[0].step == stopped["step"]
+    assert newest(run_dir / "checkpoints")[0].step == stopped["step"]
 
 
 def test_held_build_lock_is_kept_and_dead_one_removed(tmp_path):
@@ -222,7 +236,7 @@ def _ckpt(root: Path, step: int, complete: bool = True, stage: int = 2) -> Path:
     d.mkdir(parents=True)
     (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
     if complete:
-        checkpoints.write_manifest(d, checkpoints.Manifest(step=step, world=2, dp=2, tp=1, pp=1, zero_stage=stage,
+        write_manifest(d, Manifest(step=step, world=2, dp=2, tp=1, pp=1, zero_stage=stage,
                                                            precision="fp32", job_sha="j", config_sha="c"))
     return d
 
@@ -232,17 +246,17 @@ def test_latest_missing_empty_or_dangling_uses_newest_complete(tmp_path):
     _ckpt(root, 2)
     _ckpt(root, 4)
     _ckpt(root, 6, complete=False)
-    assert checkpoints.newest(root)[0].step == 4
-    assert "is missing" in checkpoints.latest_note(root)
+    assert newest(root)[0].step == 4
+    assert "is missing" in latest_note(root)
     (root / "latest").write_text("")
-    assert "is empty" in checkpoints.latest_note(root)
+    assert "is empty" in latest_note(root)
     (root / "latest").write_text("step6")
-    assert "an incomplete checkpoint" in checkpoints.latest_note(root)
+    assert "an incomplete checkpoint" in latest_note(root)
     (root / "latest").write_text("step9")
-    assert "does not exist" in checkpoints.latest_note(root)
-    checkpoints.write_latest(root, "step4")
-    assert checkpoints.latest_note(root) is None
-    assert [p.name for p in checkpoints.remove_incomplete(root)] == ["step6"] and not (root / "step6").exists()
+    assert "does not exist" in latest_note(root)
+    write_latest(root, "step4")
+    assert latest_note(root) is None
+    assert [p.name for p in remove_incomplete(root)] == ["step6"] and not (root / "step6").exists()
 
 
 def test_keep_checkpoints_prunes_old_ones(tmp_path):
@@ -250,22 +264,22 @@ def test_keep_checkpoints_prunes_old_ones(tmp_path):
     for s in (1, 2, 3, 4):
         _ckpt(root, s)
     _ckpt(root, 0, complete=False)
-    gone = checkpoints.prune(root, keep=2)
+    gone = prune(root, keep=2)
     assert sorted(p.name for p in gone) == ["step0", "step1", "step2"]
-    assert [m.step for m, _ in checkpoints.complete(root)] == [3, 4]
+    assert [m.step for m, _ in complete(root)] == [3, 4]
 
 
 def test_resume_under_another_layout_is_accepted_and_its_changes_named(tmp_path):
     """Every layout change converts at launch (launcher/reshard.py, tests/test_resume_layout.py)."""
     root = tmp_path / "checkpoints"
     _ckpt(root, 5, stage=2)
-    now = checkpoints.layout_key(dp=1, tp=2, pp=1, zero_stage=3, precision="bf16", offload=True)
-    saved, path = checkpoints.check_resume(root, now, tmp_path)
-    assert saved.step == 5 and path == root / "step5" and checkpoints.changes(saved.layout_key(), now) == [
+    now = layout_key(dp=1, tp=2, pp=1, zero_stage=3, precision="bf16", offload=True)
+    saved, path = check_resume(root, now, tmp_path)
+    assert saved.step == 5 and path == root / "step5" and changes(saved.layout_key(), now) == [
         "data-parallel size", "tensor-parallel size", "ZeRO stage", "offload", "precision"]
-    both = checkpoints.layout_key(dp=1, tp=2, pp=2, zero_stage=0, precision="fp32")  # not converted yet
+    both = layout_key(dp=1, tp=2, pp=2, zero_stage=0, precision="fp32")  # not converted yet
     with pytest.raises(LabsError, match="this launch \\(pipeline stages 2 x tensor-parallel size 2\\)"):
-        checkpoints.resume_under(root, {}, both, tmp_path)
+        resume_under(root, {}, both, tmp_path)
 
 
 @pytest.mark.parametrize("text,seconds", [("3h50m", 13800), ("90m", 5400), ("45s", 45), ("2d", 172800),
@@ -283,19 +297,27 @@ def test_max_time_bad_forms(bad):
 def test_resume_under_another_sequence_parallel_size_is_refused_before_any_rank(tmp_path):
     """A conversion does not change the sequence-parallel size: the plan names it and the fix (it
     used to pass the plan and fail inside DeepSpeed's ranks)."""
-    from launcher import checkpoints
+    from launcher.checkpoint.store import (
+        MANIFEST,
+        Manifest,
+        check_resume,
+        layout_key,
+        read_manifest,
+        write_latest,
+        write_manifest,
+    )
     from launcher.common.errors import LabsError
     ckpt = tmp_path / "run" / "checkpoints"
     (ckpt / "step4").mkdir(parents=True)
-    m = checkpoints.Manifest(step=4, world=2, dp=1, tp=1, pp=1, sp=2, zero_stage=0, precision="fp32",
+    m = Manifest(step=4, world=2, dp=1, tp=1, pp=1, sp=2, zero_stage=0, precision="fp32",
                              job_sha="j", config_sha="c", global_batch=4)
-    checkpoints.write_manifest(ckpt / "step4", m)
-    checkpoints.write_latest(ckpt, "step4")
-    now = checkpoints.layout_key(2, 1, 1, 0, "fp32", False, 1)
+    write_manifest(ckpt / "step4", m)
+    write_latest(ckpt, "step4")
+    now = layout_key(2, 1, 1, 0, "fp32", False, 1)
     with pytest.raises(LabsError, match=r"sequence-parallel size 2 -> 1.*not yet to another sequence-parallel size"):
-        checkpoints.check_resume(ckpt, now, tmp_path / "run")
-    assert checkpoints.read_manifest(ckpt / "step4").sp == 2
-    old = json.loads((ckpt / "step4" / checkpoints.MANIFEST).read_text())
+        check_resume(ckpt, now, tmp_path / "run")
+    assert read_manifest(ckpt / "step4").sp == 2
+    old = json.loads((ckpt / "step4" / MANIFEST).read_text())
     del old["sp"]  # a manifest written before sp was recorded reads as sp 1
-    (ckpt / "step4" / checkpoints.MANIFEST).write_text(json.dumps(old))
-    assert checkpoints.read_manifest(ckpt / "step4").sp == 1
+    (ckpt / "step4" / MANIFEST).write_text(json.dumps(old))
+    assert read_manifest(ckpt / "step4").sp == 1

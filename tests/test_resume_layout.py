@@ -1,5 +1,5 @@
 """Resume under another layout (issue 10): `labs launch --resume RUN` with another hostfile (dp size)
-and/or ZeRO stage / offload converts the checkpoint once (launcher/reshard.py) and continues the run
+and/or ZeRO stage / offload converts the checkpoint once (launcher/py) and continues the run
 as if nothing happened: same global batch, same data order, losses within 1e-5 of the uninterrupted run.
 
 One uninterrupted run (1 rank, ZeRO-0) is the reference; a chain of resumes, each from a copy of the
@@ -25,7 +25,8 @@ import pytest
 import torch
 from conftest import assert_ok, labs, launch, read_metrics
 
-from launcher import checkpoints, reshard
+from launcher.checkpoint.convert import check_whole, ensure
+from launcher.checkpoint.store import FOLDER, LATEST, META, newest, problem, read_manifest, step_of, write_latest
 from launcher.common.errors import LabsError
 
 pytestmark = pytest.mark.distributed
@@ -56,10 +57,10 @@ def as_of(run: Path, step: int, dest: Path) -> Path:
     """A copy of `run` as it was when it had saved `step`: later checkpoints and metrics left out."""
     def ignore(folder, names):
         if Path(folder).name == "checkpoints":
-            return [n for n in names if (s := checkpoints.step_of(Path(n))) is not None and s > step]
-        return [n for n in names if n == checkpoints.LATEST or n.startswith("consolidated")]
+            return [n for n in names if (s := step_of(Path(n))) is not None and s > step]
+        return [n for n in names if n == LATEST or n.startswith("consolidated")]
     shutil.copytree(run, dest, ignore=ignore)
-    checkpoints.write_latest(dest / "checkpoints", f"step{step}")
+    write_latest(dest / "checkpoints", f"step{step}")
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (dest / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
     for f in ("summary.json",):
@@ -95,7 +96,7 @@ def chain(ds_ops, tmp_path_factory):
 
 def test_reference_is_one_rank_zero0_with_global_batch_6(chain):
     ref, _, _ = chain
-    man = checkpoints.newest(ref / "checkpoints")[0]
+    man = newest(ref / "checkpoints")[0]
     assert (man.dp, man.zero_stage, man.global_batch, man.step) == (1, 0, 6, N)
 
 
@@ -111,8 +112,8 @@ def test_resume_under_another_layout_continues_the_run(chain, name):
     assert "MB of disk" in out
     dp = ranks // (2 if "tensor" in name or "pipeline" in name else 1)
     assert ("resume: global batch kept at 6 samples per step" in out) == (dp != 1)  # the run's config: dp 1
-    assert reshard.problem(run / "checkpoints" / f"step{step}") is None  # converted once, intact
-    man = checkpoints.newest(run / "checkpoints")[0]  # the run goes on saving in its new layout
+    assert problem(run / "checkpoints" / f"step{step}") is None  # converted once, intact
+    man = newest(run / "checkpoints")[0]  # the run goes on saving in its new layout
     assert (man.step, man.world, man.global_batch) == (N, ranks, 6)
     assert man.offload == ("offload" in name) and f"stage={man.zero_stage}" in " ".join(sets)
     assert (man.tp, man.pp) == (2 if "tensor" in name else 1, 2 if "pipeline" in name else 1)
@@ -148,30 +149,30 @@ def test_plan_says_what_will_be_converted(chain, tmp_path):
 def test_cut_short_or_corrupt_conversion_is_redone_and_bad_source_refused(chain, tmp_path):
     _, runs, _ = chain
     tag = shutil.copytree(runs["zero3_offload_2"] / "checkpoints" / "step2", tmp_path / "checkpoints" / "step2")
-    folder = tag / reshard.FOLDER
-    meta = json.loads((folder / reshard.META).read_text())
-    man = checkpoints.read_manifest(tag)
-    assert reshard.problem(tag) is None and meta["trained"] == meta["parameters"] > 0
+    folder = tag / FOLDER
+    meta = json.loads((folder / META).read_text())
+    man = read_manifest(tag)
+    assert problem(tag) is None and meta["trained"] == meta["parameters"] > 0
 
     (folder / "exp_avg.pt").write_bytes((folder / "exp_avg.pt").read_bytes()[:-10] + b"0123456789")  # corrupt
-    assert "checksum" in reshard.problem(tag)
+    assert "checksum" in problem(tag)
     said: list[str] = []
-    reshard.ensure(tag, man, say=said.append)
-    assert "converting step2" in said[0] and reshard.problem(tag) is None
-    assert json.loads((folder / reshard.META).read_text())["files"] == meta["files"]  # the same bytes again
+    ensure(tag, man, say=said.append)
+    assert "converting step2" in said[0] and problem(tag) is None
+    assert json.loads((folder / META).read_text())["files"] == meta["files"]  # the same bytes again
 
-    (folder / reshard.META).unlink()  # a conversion cut short before its json (written last)
-    (tag / f"{reshard.FOLDER}.tmp999").mkdir()
-    assert "cut short" in reshard.problem(tag)
-    reshard.ensure(tag, man, say=said.append)
-    assert reshard.problem(tag) is None and not (tag / f"{reshard.FOLDER}.tmp999").exists()
+    (folder / META).unlink()  # a conversion cut short before its json (written last)
+    (tag / f"{FOLDER}.tmp999").mkdir()
+    assert "cut short" in problem(tag)
+    ensure(tag, man, say=said.append)
+    assert problem(tag) is None and not (tag / f"{FOLDER}.tmp999").exists()
 
     shutil.rmtree(folder)
     src = tag / "mp_rank_00_model_states.pt"
     src.write_bytes(src.read_bytes()[: src.stat().st_size // 2])  # a damaged source: refused, nothing written
     with pytest.raises(LabsError, match="cannot be read"):
-        reshard.ensure(tag, man, say=said.append)
-    assert not folder.exists() and not list(tag.glob(f"{reshard.FOLDER}*"))
+        ensure(tag, man, say=said.append)
+    assert not folder.exists() and not list(tag.glob(f"{FOLDER}*"))
 
 
 # ---------------------------------------------------------------- LoRA under ZeRO-3
@@ -214,7 +215,7 @@ def test_lora_zero3_resumed_on_one_rank_zero0_carries_adapters_and_their_optimiz
     assert sorted(got) == sorted(want) == list(range(1, 7))
     for s in range(3, 7):
         assert abs(got[s] - want[s]) <= 1e-5 * abs(want[s]), (s, got[s], want[s])
-    meta = json.loads((run / "checkpoints" / "step2" / reshard.FOLDER / reshard.META).read_text())
+    meta = json.loads((run / "checkpoints" / "step2" / FOLDER / META).read_text())
     assert 0 < meta["trained"] < meta["parameters"]  # the adapters are trained, the base is carried frozen
     a, b = _adapter(ref), _adapter(run)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
@@ -225,5 +226,5 @@ def test_a_state_with_an_empty_tensor_is_never_exported():
     state = {"base_model.model.q_proj.lora_A.default.weight": torch.empty(0),
              "base_model.model.q_proj.lora_B.default.weight": torch.ones(4, 8)}
     with pytest.raises(RuntimeError, match="1 tensor\\(s\\) are empty .*lora_A"):
-        reshard.check_whole(state, "here")
-    assert reshard.check_whole({"w": torch.ones(2)}, "here")["w"].numel() == 2
+        check_whole(state, "here")
+    assert check_whole({"w": torch.ones(2)}, "here")["w"].numel() == 2

@@ -125,7 +125,7 @@ def test_plan_refuses_pipeline_for_a_model_without_layer_list(tmp_path):
     (model / "model.safetensors").write_bytes(b"")
     proc = labs("plan", "jobs/fine_tune_pipeline.yaml", "--set", f"model.name={model}")
     assert proc.returncode == 2
-    assert "'opt' has no pipeline layer list" in proc.stderr and "pipeline.stages = 2" in proc.stderr, proc.stderr
+    assert "not 'opt': it has no pipeline layer list" in proc.stderr and "pipeline.stages = 2" in proc.stderr, proc.stderr
 
 
 def test_plan_accepts_pipeline_x_data_parallel(tmp_path):

@@ -20,12 +20,12 @@ HIDDEN, INTER, VOCAB = 64, 176, 32000  # llama-tiny
 
 PROBE = """
 import json, sys
-from launcher.worker import _leave
+from launcher.rank.main import leave
 from tasks.rag import build_generator
 g = build_generator("llama-tiny", max_new_tokens={new})  # tp_size = the launcher's world size
 record = {{"rank": g.rank, "tp": g.tp_size, "ids": g.generate_ids({prompt!r}), "shapes": g.split_shapes()}}
 open(f"{out}/rank{{g.rank}}.json", "w").write(json.dumps(record))
-_leave(0)
+leave(0)
 """
 
 

@@ -27,10 +27,10 @@ from launcher.config.schema import (
     SLURM_TIME,
     FieldError,
     Rule,
-    _build,
     _check_value,
     at_least,
     between,
+    build_section,
     checked,
     non_empty,
     one_of,
@@ -205,7 +205,7 @@ def set_field(job: Job, name: str, value: Any, flag: str) -> None:
 
 
 def job_from_dict(data: dict[str, Any], path: str = "<job>") -> Job:
-    job = _build(Job, data, path, "")
+    job = build_section(Job, data, path, "")
     job.path = path
     return job
 

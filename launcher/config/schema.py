@@ -30,7 +30,7 @@ class Rule:
 
 
 class FieldError(ValueError):
-    """A rule over several fields, raised by a section's __post_init__; `_build` adds file and prefix."""
+    """A rule over several fields, raised by a section's __post_init__; `build_section` adds file and prefix."""
 
     def __init__(self, name: str, value: Any, must: str):
         super().__init__(f"{name} = {show(value)}; {must}")
@@ -38,7 +38,7 @@ class FieldError(ValueError):
 
 
 def checked(rule: Rule, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with a rule (`_build` checks it for every value a job gives)."""
+    """A dataclass field with a rule (`build_section` checks it for every value a job gives)."""
     return field(default=default, default_factory=factory, metadata={"rule": rule})
 
 
@@ -182,7 +182,7 @@ def _check_value(value: Any, tp: Any, f: dataclasses.Field, path: str, full: str
             raise LabsError(f"{path}: {full}[{i}] = {show(v)}; {rule.must}")
 
 
-def _build(cls: type, data: Any, path: str, prefix: str) -> Any:
+def build_section(cls: type, data: Any, path: str, prefix: str) -> Any:
     """An instance of the dataclass cls from a mapping, every key, type and rule checked; `prefix`
     names the section in messages ("train.")."""
     if data is None and prefix:
@@ -201,7 +201,7 @@ def _build(cls: type, data: Any, path: str, prefix: str) -> Any:
             raise LabsError(f"{path}: unknown key {full!r}; {hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, path, f"{full}.")
+            kwargs[key] = build_section(tp, value, path, f"{full}.")
             continue
         _check_value(value, tp, fields[key], path, full)
         kwargs[key] = value

@@ -84,7 +84,7 @@ class Setup:
     @classmethod
     def of(cls, cfg: dict[str, Any], layout, seq: int, trainable: int | None = None,
            device: str | None = None) -> Setup:
-        from launcher.checkpoints import precision
+        from launcher.checkpoint.store import precision
         from launcher.config.ds.load import offload, wants_activation_checkpointing, zero_stage
         zero = cfg.get("zero_optimization") or {}
         off_opt, off_param = offload(cfg)

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from launcher.checkpoint.store import newest, remove_incomplete
 from launcher.common.errors import LabsError
 from launcher.common.layout import Layout
 from launcher.common.proc import free_port
@@ -43,16 +44,22 @@ def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: s
         ds_config = ds_config or str(rd / "ds_config.json")
 
         def on_layout(cfg: dict, layout: Layout) -> None:
-            from launcher import checkpoints
-            now = checkpoints.layout_key(layout.dp, layout.tp, layout.pp, zero_stage(cfg),
-                                         checkpoints.precision(cfg), any(offload(cfg)), layout.sp)
+            from launcher.checkpoint.store import (
+                incomplete,
+                latest_note,
+                layout_key,
+                precision,
+                resume_under,
+            )
+            now = layout_key(layout.dp, layout.tp, layout.pp, zero_stage(cfg),
+                                         precision(cfg), any(offload(cfg)), layout.sp)
             # another layout: converted once at launch, keeping the run's global batch (cfg's triad)
-            saved, path, said = checkpoints.resume_under(ckpt_dir, cfg, now, rd, ds_config)
+            saved, path, said = resume_under(ckpt_dir, cfg, now, rd, ds_config)
             notes.append(f"resume: from {path} (step {saved.step}, saved {saved.reason})")
             notes.extend(said)
-            if note := checkpoints.latest_note(ckpt_dir):
+            if note := latest_note(ckpt_dir):
                 notes.append(f"resume: {note}")
-            if left := checkpoints.incomplete(ckpt_dir):
+            if left := incomplete(ckpt_dir):
                 notes.append(f"resume: incomplete checkpoint folder(s) {', '.join(p.name for p in left)} "
                              f"(a save cut short) are removed at launch")
         config_dir = rd / "resumes" / dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
@@ -96,7 +103,6 @@ def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: s
 def find_resume_dir(job_path: str | None, sets, resume: str) -> Path:
     """The run folder to continue: the one named, or the newest run of the job with a complete
     checkpoint (the job file and --set name it through `name` and `train.output_dir`)."""
-    from launcher import checkpoints
     if resume != "auto":
         p = Path(resume).expanduser()
         if p.name == "checkpoints":
@@ -107,7 +113,7 @@ def find_resume_dir(job_path: str | None, sets, resume: str) -> Path:
         return p.resolve()
     job = load_job(job_path, sets)
     root = Path(job.train.output_dir) / job.name
-    runs = sorted(r for r in root.glob("*") if checkpoints.newest(r / "checkpoints")) if root.is_dir() else []
+    runs = sorted(r for r in root.glob("*") if newest(r / "checkpoints")) if root.is_dir() else []
     if not runs:
         raise LabsError(f"--resume: no run of job {job.name!r} with a complete checkpoint under {root}/; "
                         f"run `labs launch` first or pass --resume RUN_DIR")
@@ -120,8 +126,7 @@ def write_run_files(plan: Plan) -> None:
     writes them under `RUN/resumes/<time>/` and never rewrites the run's own files."""
     from launcher.backends import build_command, env_file_text
     if plan.resume:
-        from launcher import checkpoints
-        checkpoints.remove_incomplete(plan.run_dir / "checkpoints")
+        remove_incomplete(plan.run_dir / "checkpoints")
         (plan.run_dir / STOP_FILE).unlink(missing_ok=True)
     else:
         base, n = plan.run_dir, 0

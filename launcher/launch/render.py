@@ -53,7 +53,7 @@ def render_short(plan: Plan) -> str:
 
 
 def checkpoints_precision(cfg: dict[str, Any]) -> str:
-    from launcher.checkpoints import precision
+    from launcher.checkpoint.store import precision
     return precision(cfg)
 
 

@@ -1,0 +1,70 @@
+"""How a model is parallelised: THE place a strategy is chosen.
+
+`STRATEGIES` is a torch-free table (the `labs` process reads it for the plan's checks; the ranks read it to
+build the strategy). `choose(layout)` takes the first row whose `when` holds for the layout, in this fixed
+order: pipeline x tensor, sequence, pipeline, tensor, data parallel. Each row names the one file that
+implements the strategy (picotron-style: the maths in its docstring), the model types it can cut, the
+highest ZeRO stage DeepSpeed runs it with, and whether `train.compile` applies. `build_strategy` imports
+that file (torch and DeepSpeed) only inside a rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from launcher.common.layout import Layout
+
+LLAMA_FAMILY = ("llama", "mistral")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    module: str  # the file that implements it (launcher/parallel/<module>.py)
+    cls: str
+    when: Callable[[Layout], bool]
+    archs: tuple[str, ...] | None  # model types it can apply to; None: any that DeepSpeed can wrap
+    arch_fix: str  # what to do instead when the model type is not among `archs`
+    max_zero: int  # the highest ZeRO stage it runs with
+    compile: bool  # train.compile (DeepSpeed's engine.compile()) applies
+
+
+STRATEGIES: tuple[Strategy, ...] = (
+    Strategy("pipe_tensor_parallel", "pipe_tensor_parallel", "PipeTensorParallel",
+             lambda lay: lay.pp > 1 and lay.tp > 1, LLAMA_FAMILY,
+             "the stages' blocks are sliced by launcher/parallel/layers/tensor.py, which knows Llama-family blocks "
+             "only; use pipeline or tensor parallelism alone for it", 1, False),
+    Strategy("sequence_parallel", "sequence_parallel", "SequenceParallel", lambda lay: lay.sp > 1, LLAMA_FAMILY,
+             "Ulysses attention is wired for Llama-family models only; remove sequence_parallel_size", 3, False),
+    Strategy("pipeline_parallel", "pipeline_parallel", "PipelineParallel", lambda lay: lay.pp > 1,
+             LLAMA_FAMILY + ("gpt2",),
+             "it has no pipeline layer list (launcher/parallel/layers/pipeline.py); use a ZeRO or tensor_parallel "
+             "config for it", 1, False),
+    Strategy("tensor_parallel", "tensor_parallel", "TensorParallel", lambda lay: lay.tp > 1, None, "", 3, False),
+    Strategy("data_parallel", "data_parallel", "DataParallel", lambda lay: True, None, "", 3, True),
+)
+
+
+def choose(layout: Layout) -> Strategy:
+    return next(s for s in STRATEGIES if s.when(layout))
+
+
+def build_strategy(model: Any, config: dict[str, Any], layout: Layout):
+    """The chosen strategy wrapping `model` (inside a rank: this imports torch and DeepSpeed)."""
+    # function-level imports: they keep torch and DeepSpeed out of the `labs` process, which reads the table
+    from launcher.parallel import (
+        data_parallel,
+        pipe_tensor_parallel,
+        pipeline_parallel,
+        sequence_parallel,
+        tensor_parallel,
+    )
+    from launcher.parallel.base import release_shm_buffers
+    files = {"data_parallel": data_parallel, "pipe_tensor_parallel": pipe_tensor_parallel,
+             "pipeline_parallel": pipeline_parallel, "sequence_parallel": sequence_parallel,
+             "tensor_parallel": tensor_parallel}
+    strategy = choose(layout)
+    release_shm_buffers()
+    return getattr(files[strategy.module], strategy.cls)(model, config, layout)

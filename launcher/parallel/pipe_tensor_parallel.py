@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.common.layout import Layout
-from launcher.engine import PipelineParallel
+from launcher.parallel.pipeline_parallel import PipelineParallel
 
 
 class PipeTensorParallel(PipelineParallel):

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from launcher.common.errors import LabsError
 from launcher.common.layout import Layout
-from launcher.engine import DataParallel, dp_mean
+from launcher.parallel.base import dp_mean
+from launcher.parallel.data_parallel import DataParallel
 
 ATTN_NAME = "labs_ulysses"
 

@@ -74,10 +74,10 @@ def for_run(model, micro: list[dict[str, Any]], cfg: dict[str, Any], layout) -> 
             try:
                 import torch
 
-                from launcher import checkpoints
+                from launcher.checkpoint.store import precision
                 device = "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "cpu"
                 flops = model_flops(model, int(micro[0]["input_ids"].shape[-1]))
-                meter = Meter(flops, peak(checkpoints.precision(cfg), device=device), layout.world)
+                meter = Meter(flops, peak(precision(cfg), device=device), layout.world)
                 log.info("FLOPs per token: %s", flops.describe())
                 log.info("peak for MFU: %s", meter.peak.describe(layout.world))
             except Exception as e:  # a metric must never end a training run

@@ -5,14 +5,21 @@ finish its step and save a checkpoint.
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import os
+import random
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from launcher.common.proc import device
-from launcher.common.run_dir import STOP_FILE
+from launcher.common.run_dir import DS_CONFIG, JOB, LOGS, STOP_FILE, rank_log
+
+log = logging.getLogger("labs")
 
 
 def verbose() -> bool:
@@ -125,3 +132,80 @@ class StopRequest:
 
 def say_err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_in_rank(args: argparse.Namespace, world: int):
+    """(job, ds_config, layout) for this rank; the same checks as `labs plan`."""
+    from launcher.common.layout import Layout
+    from launcher.config.ds.load import resolve_batch
+    from launcher.config.job import load_job
+    from launcher.resolve import resolve
+
+    conf = Path(args.config_dir or args.run_dir) if (args.config_dir or args.run_dir) else None
+    if conf and (conf / JOB).is_file() and not args.job:
+        job = load_job(conf / JOB, args.sets)
+        cfg = json.loads((conf / DS_CONFIG).read_text())
+        layout = Layout.from_ds_config(cfg, world, str(conf / DS_CONFIG))
+        cfg = resolve_batch(cfg, layout.dp, str(conf / DS_CONFIG))
+        return job, cfg, layout
+    job, cfg, _, layout = resolve(args.job, ds_config=args.ds_config, hostfile=args.hostfile,
+                                  sets=args.sets, dry_run=args.dry_run, world=world)
+    return job, cfg, layout
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    (run_dir / LOGS).mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"[rank {rank}] %(asctime)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.FileHandler(rank_log(run_dir, rank))]
+    if rank == 0:
+        handlers.append(logging.StreamHandler(sys.stdout))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if rank != 0:
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(logging.WARNING)
+    quiet_deepspeed(rank_log(run_dir, rank))
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def place_outputs(cfg: dict[str, Any], run_dir: Path) -> None:
+    """What DeepSpeed's monitors and profiler write lands in the run folder: a relative (or missing)
+    `output_path` of tensorboard / csv_monitor would be relative to each rank's working folder, and
+    the flops profiler prints to the console unless given a file."""
+    for key in ("tensorboard", "csv_monitor"):
+        sec = cfg.get(key)
+        if isinstance(sec, dict) and sec.get("enabled"):
+            out = Path(sec.get("output_path") or "monitors")
+            sec["output_path"] = str(out if out.is_absolute() else run_dir / out)
+            sec.setdefault("job_name", run_dir.name)
+    prof = cfg.get("flops_profiler")
+    if isinstance(prof, dict) and prof.get("enabled"):
+        out = Path(prof.get("output_file") or "flops_profiler.txt")
+        prof["output_file"] = str(out if out.is_absolute() else run_dir / out)
+
+
+def setup_wandb(job, cfg: dict[str, Any], run_dir: Path) -> bool:
+    section = dict(cfg.get("wandb") or {})
+    if not (job.wandb.enabled or section.get("enabled")):
+        return False
+    mode = job.wandb.mode or os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    os.environ["WANDB_MODE"] = mode
+    os.environ.setdefault("WANDB_DIR", str(run_dir.resolve()))
+    if job.wandb.tags:
+        os.environ["WANDB_TAGS"] = ",".join(job.wandb.tags)
+    section.update(enabled=True, project=section.get("project") or job.wandb.project,
+                   group=section.get("group") or job.wandb.group or f"{job.name}-{run_dir.name}")
+    if job.wandb.entity or section.get("team"):
+        section["team"] = section.get("team") or job.wandb.entity
+    cfg["wandb"] = section
+    return True

@@ -73,7 +73,7 @@ def _fp32_formula(stage: int, params: int, dp: int) -> int:
 
 
 def run_one(args, spec: str, out: Path) -> dict[str, Any]:
-    from launcher import checkpoints
+    from launcher.checkpoint.store import precision
     from launcher.launch.make_plan import make_plan
 
     name, ranks = _strategy(spec)
@@ -122,7 +122,7 @@ def run_one(args, spec: str, out: Path) -> dict[str, Any]:
         "zero_stage": stage, "micro_batches": plan.ds_config["gradient_accumulation_steps"],
         "global_batch": plan.ds_config["train_batch_size"], "steps": summ["steps"],
         "final_loss": summ["final_train_loss"], "eval_loss": summ.get("eval_loss"),
-        "tokens_per_s": summ["tokens_per_s"], "precision": checkpoints.precision(plan.ds_config),
+        "tokens_per_s": summ["tokens_per_s"], "precision": precision(plan.ds_config),
         "flops_per_s": summ.get("flops_per_s"), "mfu": summ.get("mfu"), "peak": summ.get("peak"),
         "flops_per_token": summ.get("flops_per_token"),
         "step_time_s": statistics.median(r["step_time_s"] for r in train[1:] or train),

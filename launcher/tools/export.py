@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from launcher import checkpoints
+from launcher.checkpoint.store import Manifest, complete
 from launcher.common.errors import LabsError
 
 
-def pick(run_dir: Path, step: int | None) -> tuple[checkpoints.Manifest, Path]:
+def pick(run_dir: Path, step: int | None) -> tuple[Manifest, Path]:
     ckpt_dir = run_dir / "checkpoints"
-    found = checkpoints.complete(ckpt_dir)
+    found = complete(ckpt_dir)
     if not found:
         raise LabsError(f"{run_dir}: no complete checkpoint in {ckpt_dir} (dry runs keep none unless "
                         f"train.checkpoint=true; train.save_every = N saves every N steps)")
@@ -34,14 +34,15 @@ def pick(run_dir: Path, step: int | None) -> tuple[checkpoints.Manifest, Path]:
                     f"{', '.join(str(m.step) for m, _ in found)}")
 
 
-def consolidated(manifest: checkpoints.Manifest, tag_dir: Path, model=None) -> dict:
+def consolidated(manifest: Manifest, tag_dir: Path, model=None) -> dict:
     import torch
 
-    from launcher.reshard import _pipeline_weights, check_whole, pipeline_names, tensor_parallel_weights
+    from launcher.checkpoint.convert import check_whole, pipeline_weights, tensor_parallel_weights
+    from launcher.parallel.layers.pipeline import pipeline_names
     if manifest.tp > 1:  # AutoTP shards joined along their split dimension
         return check_whole(tensor_parallel_weights(tag_dir, manifest), str(tag_dir))
     if manifest.pp > 1:  # one layer file at a time, named through the task's pipeline layer list
-        return check_whole(_pipeline_weights(tag_dir, pipeline_names(model)), str(tag_dir))
+        return check_whole(pipeline_weights(tag_dir, pipeline_names(model)), str(tag_dir))
     if manifest.zero_stage == 0:
         sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         return check_whole({k: v.float() for k, v in sd.items()}, str(tag_dir))

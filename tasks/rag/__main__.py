@@ -6,10 +6,10 @@ from launcher.common.errors import LabsError
 from tasks.rag.cli import main
 
 if __name__ == "__main__":
-    from launcher.worker import _leave  # under a launcher: a last barrier, then leave without gloo teardown
+    from launcher.rank.main import leave  # under a launcher: a last barrier, then leave without gloo teardown
     try:
         code = main()
     except LabsError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
-    _leave(code)
+    leave(code)

@@ -73,7 +73,7 @@ class Generator:
 
     def split_shapes(self) -> dict[str, list[int]]:
         """Shapes of the first block's matrices and the head as this rank holds them."""
-        from launcher.engine import split_shapes
+        from launcher.parallel.base import split_shapes
         return split_shapes(self.model)
 
 

@@ -29,7 +29,7 @@ def init_distributed() -> None:
     import deepspeed.comm as ds_comm
     if ds_comm.is_initialized():
         return
-    from launcher.engine import release_shm_buffers
+    from launcher.parallel.base import release_shm_buffers
     cpu = os.environ.get("DS_ACCELERATOR") == "cpu"
     deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
     release_shm_buffers()  # else every run leaves ~66 MiB per rank in /dev/shm

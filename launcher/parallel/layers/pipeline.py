@@ -140,3 +140,23 @@ def pipeline_layers(model: nn.Module, where: str = "model") -> list:
         return [first, GPT2PosEmbed(t.wpe, t.drop)] + [GPT2Block(b, attn_impl) for b in t.h] + [Norm(t.ln_f), last]
     raise LabsError(f"{where}: {kind!r} has no pipeline layer list (supported: {', '.join(SUPPORTED)}); "
                     f"use a ZeRO or tensor_parallel config for this model")
+
+
+def pipeline_names(model) -> dict[str, str]:
+    """Pipeline parameter name (`<layer index>.<name in the layer>`, as a PipelineModule and its
+    `layer_XX-model_states.pt` files have them) -> the HF model's name, from the task's layer list
+    (tasks/pipeline_layers.py), whose layers wrap the model's own submodules."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    ids: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        ids.setdefault(id(p), n)
+    out = {}
+    for i, layer in enumerate(pipeline_layers(model, "model")):
+        if isinstance(layer, TiedLayerSpec):
+            raise LabsError("a pipeline with tied layers (GPT-2's embedding and head) cannot be converted yet")
+        if isinstance(layer, LayerSpec):
+            layer = layer.build()
+        for n, p in layer.named_parameters():
+            out[f"{i}.{n}"] = ids[id(p)]
+    return out

@@ -9,7 +9,7 @@ checkpoint, whatever `latest` says, and tells when the two differ. Incomplete fo
 short by a kill) are never loaded and are removed before the next run starts.
 
 A resume under another data-parallel size, ZeRO stage, offload or precision converts the checkpoint
-once (launcher/reshard.py) and keeps the run's global batch (`resume_under`, called by the plan);
+once (launcher/py) and keeps the run's global batch (`resume_under`, called by the plan);
 another number of pipeline stages or tensor-parallel size converts too (pipeline layers named
 through the task's layer list, AutoTP shards joined along their split dimension).
 
@@ -29,6 +29,8 @@ from typing import Any
 from launcher.common.errors import LabsError
 
 MANIFEST = "labs_manifest.json"
+
+
 LATEST = "latest"
 
 
@@ -265,15 +267,69 @@ def resume_under(ckpt_dir: Path, cfg: dict[str, Any], now: dict[str, Any], run_d
         raise LabsError(f"--resume {run_dir}: {' and '.join(both)} combines pipeline and tensor parallelism, which a "
                         f"conversion does not handle yet; resume under the checkpoint's own layout, or convert "
                         f"through one of the two alone")
-    from launcher import reshard  # no torch at import
-    why = reshard.problem(tag)
+    why = problem(tag)
     change = ", ".join(f"{k} {was[k]} -> {now[k]}" for k in diffs)
     if why is None:
-        notes.append(f"resume: layout changes ({change}): {tag}/{reshard.FOLDER} is already converted: rank 0 "
+        notes.append(f"resume: layout changes ({change}): {tag}/{FOLDER} is already converted: rank 0 "
                      f"checks and reuses it")
     else:
-        size, secs = reshard.estimate(tag)
+        size, secs = estimate(tag)
         notes.append(f"resume: layout changes ({change}): rank 0 converts {tag.name} once into "
-                     f"{tag}/{reshard.FOLDER}/ (fp32 weights, Adam moments and step counts, LR schedule, "
+                     f"{tag}/{FOLDER}/ (fp32 weights, Adam moments and step counts, LR schedule, "
                      f"sampler position from the step): about {size / 1e6:.0f} MB of disk, ~{secs:.0f} s")
     return saved, tag, notes
+
+
+FOLDER = "consolidated"
+
+
+META = "labs_consolidated.json"
+
+
+FILES = ("weights.pt", "exp_avg.pt", "exp_avg_sq.pt", "engine.pt")
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+FORMAT = 1
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def problem(tag_dir: Path) -> str | None:
+    """Why `tag_dir/consolidated/` cannot be used (None: it is complete and intact)."""
+    folder = tag_dir / FOLDER
+    if not folder.is_dir():
+        return "not converted yet"
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError):
+        return f"{folder / META} is missing or unreadable (a conversion cut short)"
+    if meta.get("format") != FORMAT or meta.get("source_step") != step_of(tag_dir):
+        return f"{folder / META} describes another conversion"
+    for name, want in meta.get("files", {}).items():
+        f = folder / name
+        if not f.is_file() or f.stat().st_size != want["bytes"]:
+            return f"{f} is missing or has another size than when it was written"
+        if _sha256(f) != want["sha256"]:
+            return f"{f} does not match its checksum (corrupted)"
+    if sorted(meta.get("files", {})) != sorted(FILES):
+        return f"{folder / META} lists other files than a conversion writes"
+    return None
+
+
+def estimate(tag_dir: Path) -> tuple[int, float]:
+    """(bytes the conversion writes, seconds it takes), roughly: fp32 weights and two moments are
+    12 of the 16 bytes per trained parameter a ZeRO checkpoint holds (ZeRO-0: all of them); about
+    150 MB/s to read, merge and write on this kind of machine, plus a few seconds of start-up."""
+    source = sum(f.stat().st_size for f in tag_dir.glob("*.pt"))
+    zero0 = (tag_dir / "mp_rank_00_model_states.pt").is_file() and not list(tag_dir.glob("*optim_states.pt"))
+    out = source if zero0 else source * 3 // 4
+    return out, 3.0 + (source + out) / 150e6

@@ -43,7 +43,6 @@ directly covers every source and target, on one process, in seconds for these mo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -51,58 +50,20 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
-from launcher import checkpoints
+from launcher.checkpoint.store import (
+    FILES,
+    FOLDER,
+    FORMAT,
+    META,
+    MOMENTS,
+    Manifest,
+    _atomic_write,
+    _sha256,
+    estimate,
+    problem,
+)
 from launcher.common.errors import LabsError
-
-FOLDER = "consolidated"
-META = "labs_consolidated.json"
-FILES = ("weights.pt", "exp_avg.pt", "exp_avg_sq.pt", "engine.pt")
-MOMENTS = ("exp_avg", "exp_avg_sq")
-FORMAT = 1
-
-
-# ---------------------------------------------------------------- is there a good one already
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def problem(tag_dir: Path) -> str | None:
-    """Why `tag_dir/consolidated/` cannot be used (None: it is complete and intact)."""
-    folder = tag_dir / FOLDER
-    if not folder.is_dir():
-        return "not converted yet"
-    try:
-        meta = json.loads((folder / META).read_text())
-    except (OSError, ValueError):
-        return f"{folder / META} is missing or unreadable (a conversion cut short)"
-    if meta.get("format") != FORMAT or meta.get("source_step") != checkpoints.step_of(tag_dir):
-        return f"{folder / META} describes another conversion"
-    for name, want in meta.get("files", {}).items():
-        f = folder / name
-        if not f.is_file() or f.stat().st_size != want["bytes"]:
-            return f"{f} is missing or has another size than when it was written"
-        if _sha256(f) != want["sha256"]:
-            return f"{f} does not match its checksum (corrupted)"
-    if sorted(meta.get("files", {})) != sorted(FILES):
-        return f"{folder / META} lists other files than a conversion writes"
-    return None
-
-
-def estimate(tag_dir: Path) -> tuple[int, float]:
-    """(bytes the conversion writes, seconds it takes), roughly: fp32 weights and two moments are
-    12 of the 16 bytes per trained parameter a ZeRO checkpoint holds (ZeRO-0: all of them); about
-    150 MB/s to read, merge and write on this kind of machine, plus a few seconds of start-up."""
-    source = sum(f.stat().st_size for f in tag_dir.glob("*.pt"))
-    zero0 = (tag_dir / "mp_rank_00_model_states.pt").is_file() and not list(tag_dir.glob("*optim_states.pt"))
-    out = source if zero0 else source * 3 // 4
-    return out, 3.0 + (source + out) / 150e6
 
 
 def check_whole(state: dict, where: str) -> dict:
@@ -116,8 +77,6 @@ def check_whole(state: dict, where: str) -> dict:
                            f"nothing written")
     return state
 
-
-# ---------------------------------------------------------------- reading a checkpoint of any ZeRO stage
 
 def _load(path: Path) -> dict:
     import torch
@@ -171,28 +130,7 @@ def _step_value(v) -> int:
     return int(v.item()) if hasattr(v, "item") else int(v)
 
 
-def pipeline_names(model) -> dict[str, str]:
-    """Pipeline parameter name (`<layer index>.<name in the layer>`, as a PipelineModule and its
-    `layer_XX-model_states.pt` files have them) -> the HF model's name, from the task's layer list
-    (tasks/pipeline_layers.py), whose layers wrap the model's own submodules."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
-
-    from launcher.parallel.layers.pipeline import pipeline_layers
-    ids: dict[int, str] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        ids.setdefault(id(p), n)
-    out = {}
-    for i, layer in enumerate(pipeline_layers(model, "model")):
-        if isinstance(layer, TiedLayerSpec):
-            raise LabsError("a pipeline with tied layers (GPT-2's embedding and head) cannot be converted yet")
-        if isinstance(layer, LayerSpec):
-            layer = layer.build()
-        for n, p in layer.named_parameters():
-            out[f"{i}.{n}"] = ids[id(p)]
-    return out
-
-
-def _read_optimizer(tag_dir: Path, manifest: checkpoints.Manifest, mp: int) -> tuple[dict, dict, list, list, dict | None]:
+def _read_optimizer(tag_dir: Path, manifest: Manifest, mp: int) -> tuple[dict, dict, list, list, dict | None]:
     """One model-parallel rank's files (mp: the pipeline stage; 0 without a pipeline): (its model-states
     dict, moments, Adam step counts, learning rates, fp32 master weights merged from ZeRO partitions or None)."""
     stage = manifest.zero_stage
@@ -239,7 +177,7 @@ def _read_optimizer(tag_dir: Path, manifest: checkpoints.Manifest, mp: int) -> t
     return sd, moments, steps, [g["lr"] for g in opts[0][inner]["param_groups"]], master
 
 
-def _pipeline_weights(tag_dir: Path, rename: dict[str, str]) -> dict:
+def pipeline_weights(tag_dir: Path, rename: dict[str, str]) -> dict:
     """The HF model's weights from a pipeline checkpoint's `layer_XX-model_states.pt` files, one at a time."""
     weights = {}
     for f in sorted(tag_dir.glob("layer_*-model_states.pt")):
@@ -282,7 +220,7 @@ def _join_tp(parts: list[dict], info: dict, tp: int, where: Path) -> dict:
     return out
 
 
-def tensor_parallel_weights(tag_dir: Path, manifest: checkpoints.Manifest) -> dict:
+def tensor_parallel_weights(tag_dir: Path, manifest: Manifest) -> dict:
     """The HF model's weights from an AutoTP checkpoint (ZeRO 0-2): each tensor-parallel rank's module
     state from its `mp_rank_XX_model_states.pt`, joined; the optimizer files are not read."""
     if manifest.zero_stage == 3:
@@ -296,7 +234,7 @@ def tensor_parallel_weights(tag_dir: Path, manifest: checkpoints.Manifest) -> di
     return _join_tp(parts, info, manifest.tp, tag_dir)
 
 
-def _read_tensor_parallel(tag_dir: Path, manifest: checkpoints.Manifest):
+def _read_tensor_parallel(tag_dir: Path, manifest: Manifest):
     """Each tensor-parallel rank's files read as one model-parallel rank, then every split parameter
     (weights, both moments) joined along its split dimension."""
     per_tp = [_read_optimizer(tag_dir, manifest, t) for t in range(manifest.tp)]
@@ -314,7 +252,7 @@ def _read_tensor_parallel(tag_dir: Path, manifest: checkpoints.Manifest):
     return sd, weights, moments, steps, per_tp[0][3], master
 
 
-def read_source(tag_dir: Path, manifest: checkpoints.Manifest, model=None) -> tuple[dict, dict, dict]:
+def read_source(tag_dir: Path, manifest: Manifest, rename: dict[str, str] | None = None) -> tuple[dict, dict, dict]:
     """(weights, moments {"exp_avg": {...}, "exp_avg_sq": {...}}, engine state) of a checkpoint, under
     the HF model's parameter names. A pipeline checkpoint needs the (task's) model to name its layers."""
     import torch
@@ -324,10 +262,9 @@ def read_source(tag_dir: Path, manifest: checkpoints.Manifest, model=None) -> tu
     if manifest.tp > 1:
         sd, weights, moments, steps, lrs, master = _read_tensor_parallel(tag_dir, manifest)
     elif manifest.pp > 1:
-        if model is None:
-            raise LabsError(f"{tag_dir}: a pipeline checkpoint needs the model to name its layers")
-        rename = pipeline_names(model)
-        weights = _pipeline_weights(tag_dir, rename)
+        if rename is None:
+            raise LabsError(f"{tag_dir}: a pipeline checkpoint needs its layers' HF names (pipeline_names(model))")
+        weights = pipeline_weights(tag_dir, rename)
         moments: dict[str, dict] = {k: {} for k in MOMENTS}
         steps, master = [], {}
         for mp in range(manifest.pp):
@@ -362,11 +299,11 @@ def read_source(tag_dir: Path, manifest: checkpoints.Manifest, model=None) -> tu
     return weights, moments, engine
 
 
-def consolidate(tag_dir: Path, manifest: checkpoints.Manifest, model=None) -> Path:
+def consolidate(tag_dir: Path, manifest: Manifest, rename: dict[str, str] | None = None) -> Path:
     """Write `tag_dir/consolidated/` (see the module's docstring); returns it."""
     import torch
     t0 = time.perf_counter()
-    weights, moments, engine = read_source(tag_dir, manifest, model)
+    weights, moments, engine = read_source(tag_dir, manifest, rename)
     final = tag_dir / FOLDER
     tmp = tag_dir / f"{FOLDER}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -378,13 +315,13 @@ def consolidate(tag_dir: Path, manifest: checkpoints.Manifest, model=None) -> Pa
             "source_offload": manifest.offload, "parameters": len(weights), "trained": len(moments["exp_avg"]),
             "elements": sum(v.numel() for v in weights.values()), "seconds": round(time.perf_counter() - t0, 2),
             "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in FILES}}
-    checkpoints._atomic_write(tmp / META, json.dumps(meta, indent=2) + "\n")
+    _atomic_write(tmp / META, json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
 
 
-def ensure(tag_dir: Path, manifest: checkpoints.Manifest, say=print, model=None) -> Path:
+def ensure(tag_dir: Path, manifest: Manifest, say=print, rename: dict[str, str] | None = None) -> Path:
     """The checkpoint's consolidated folder: reused when intact, else (re)converted. One process."""
     for left in tag_dir.glob(f"{FOLDER}.tmp*"):
         shutil.rmtree(left, ignore_errors=True)
@@ -395,108 +332,6 @@ def ensure(tag_dir: Path, manifest: checkpoints.Manifest, say=print, model=None)
     size, secs = estimate(tag_dir)
     say(f"resume: converting {tag_dir.name} ({why}) for the new layout: about {size / 1e6:.0f} MB, ~{secs:.0f} s")
     t0 = time.perf_counter()
-    folder = consolidate(tag_dir, manifest, model)
+    folder = consolidate(tag_dir, manifest, rename)
     say(f"resume: converted into {folder} in {time.perf_counter() - t0:.1f} s")
     return folder
-
-
-# ---------------------------------------------------------------- loading it into any engine
-
-def _torch_optimizer(opt):
-    import torch
-    while opt is not None and not isinstance(opt, torch.optim.Optimizer):
-        opt = getattr(opt, "optimizer", None)
-    return opt
-
-
-def _prime_optimizer_state(engine, adam_step: int) -> None:
-    """Torch's Adam creates its state at its first step; create it now (zeros, this step count) so
-    that the moments can be written into it, and let DeepSpeed link its per-parameter views."""
-    import torch
-    opt = _torch_optimizer(engine.optimizer)
-    plain_torch = type(opt).__module__.startswith("torch.optim")
-    # the tensors the optimizer steps: ZeRO's fp32 flat partitions (ZeRO-3 hands them to the torch
-    # optimizer only during its step), the bf16 optimizer's, or (plain ZeRO-0) the parameters
-    flats = None
-    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
-        if (flats := getattr(engine.optimizer, attr, None)) is not None:
-            break
-    stepped = list(flats) if flats is not None else [p for g in opt.param_groups for p in g["params"]]
-    for p in stepped:
-        if p is not None:
-            st = opt.state[p]
-            for k in MOMENTS:
-                if k not in st:
-                    st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["step"] = torch.tensor(float(adam_step)) if plain_torch else adam_step
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:
-        link()
-
-
-def load_into(strategy, folder: Path) -> dict[str, Any]:
-    """Set a freshly built data-parallel engine (ZeRO 0-3, offload or not) to the consolidated
-    state; returns the run's client state. Collective (every rank of the run calls it)."""
-    import deepspeed
-    import torch
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    engine = strategy.engine
-    weights = torch.load(folder / "weights.pt", map_location="cpu", mmap=True, weights_only=True)
-    moments = {k: torch.load(folder / f"{k}.pt", map_location="cpu", mmap=True, weights_only=True) for k in MOMENTS}
-    state = torch.load(folder / "engine.pt", map_location="cpu", weights_only=False)
-    named = list(engine.module.named_parameters())
-    hf_of = getattr(strategy, "names", None)  # a pipeline stage: id(param) -> its names in the HF model
-    if hf_of is not None:
-        named = [(hf_of[id(p)][0], p) for _, p in named]
-    missing = [n for n, _ in named if n not in weights]
-    if missing:
-        raise LabsError(f"{folder}: the checkpoint has no weights for {len(missing)} parameter(s) of this model "
-                        f"({', '.join(missing[:4])}...): it was saved from another model")
-    trained_now = sorted(n for n, p in named if p.requires_grad)
-    if not set(trained_now) <= set(state["trained"]) or (hf_of is None and trained_now != state["trained"]):
-        raise LabsError(f"{folder}: the checkpoint trained {len(state['trained'])} parameters, this run trains "
-                        f"{len(trained_now)}: another model or LoRA set-up")
-    _prime_optimizer_state(engine, state["adam_step"])
-    opt = _torch_optimizer(engine.optimizer)
-    zero3 = engine.zero_optimization_stage() == 3
-    tp = strategy.layout.tp
-    tp_rank = torch.distributed.get_rank() % tp if tp > 1 else 0
-
-    def mine(name: str, p, t):
-        """This rank's part of full tensor t: under tensor parallelism the slice AutoTP gave it."""
-        shape = tuple(getattr(p, "ds_shape", p.shape))
-        if tp == 1 or tuple(t.shape) == shape:
-            return t
-        diff = [d for d, (a, b) in enumerate(zip(shape, t.shape, strict=True)) if a != b]
-        if len(diff) != 1 or shape[diff[0]] * tp != t.shape[diff[0]]:
-            raise LabsError(f"{folder}: {name} is {tuple(t.shape)} in the checkpoint and {shape} on this "
-                            f"tensor-parallel rank: not an even split over {tp} ranks")
-        d = diff[0]
-        return t.narrow(d, tp_rank * shape[d], shape[d]).contiguous()
-
-    with torch.no_grad():
-        for name, p in named:
-            full = mine(name, p, weights[name])
-            if zero3:
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    p.data.copy_(full.view(p.shape).to(p.dtype))
-            else:
-                p.data.copy_(full.to(p.dtype))
-            if not p.requires_grad:
-                continue
-            if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # ZeRO-1/2/3, bf16 optimizer
-                safe_set_full_fp32_param(p, full)
-                for k in MOMENTS:
-                    safe_set_full_optimizer_state(p, mine(name, p, moments[k][name]), k)
-            else:  # plain torch optimizer (ZeRO-0 fp32): p is its own master copy
-                for k in MOMENTS:
-                    opt.state[p][k].copy_(mine(name, p, moments[k][name]).view(p.shape))
-    for group, lr in zip(opt.param_groups, state["lrs"], strict=False):
-        group["lr"] = lr
-    if engine.lr_scheduler is not None and state["lr_scheduler"] is not None:
-        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    engine.global_steps = state["global_steps"]
-    engine.global_samples = state["global_samples"]
-    engine.skipped_steps = state["skipped_steps"]
-    return state["labs"]
