@@ -120,7 +120,7 @@ def _check_strategy(job: Job, cfg: dict[str, Any], layout: Layout) -> None:
     """The ZeRO stage and train.compile against what the chosen strategy runs with (launcher/parallel)."""
     strategy = choose(layout)
     if zero_stage(cfg) > strategy.max_zero:
-        raise LabsError(f"{job.ds_config}: {layout.describe()} with zero_optimization.stage = {zero_stage(cfg)}; "
+        raise LabsError(f"{job.ds_config}: {strategy.fields(layout)} with zero_optimization.stage = {zero_stage(cfg)}; "
                         f"{strategy.name} runs with ZeRO 0-{strategy.max_zero} only (DeepSpeed's pipeline engine): "
                         f"set zero_optimization.stage to {strategy.max_zero} or lower")
     if job.train.compile and not strategy.compile:
@@ -142,7 +142,7 @@ def _check_model_layout(job: Job, layout: Layout) -> None:
     where = f"{job.ds_config} with model.name = {job.model.name!r} ({job.path})"
     strategy = choose(layout)
     if strategy.archs is not None and shape["arch"] not in strategy.archs:
-        raise LabsError(f"{where}: {layout.describe()} is {strategy.name}, which applies to model types "
+        raise LabsError(f"{where}: {strategy.fields(layout)} ({strategy.name}) applies to model types "
                         f"{', '.join(strategy.archs)}, not {shape['arch']!r}: {strategy.arch_fix}")
     if layout.pp > 1:
         if shape["layers"] and layout.pp > shape["layers"]:

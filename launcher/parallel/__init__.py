@@ -25,6 +25,7 @@ class Strategy:
     module: str  # the file that implements it (launcher/parallel/<module>.py)
     cls: str
     when: Callable[[Layout], bool]
+    fields: Callable[[Layout], str]  # the config keys that chose it, as an error message names them
     archs: tuple[str, ...] | None  # model types it can apply to; None: any that DeepSpeed can wrap
     arch_fix: str  # what to do instead when the model type is not among `archs`
     max_zero: int  # the highest ZeRO stage it runs with
@@ -33,17 +34,21 @@ class Strategy:
 
 STRATEGIES: tuple[Strategy, ...] = (
     Strategy("pipe_tensor_parallel", "pipe_tensor_parallel", "PipeTensorParallel",
-             lambda lay: lay.pp > 1 and lay.tp > 1, LLAMA_FAMILY,
+             lambda lay: lay.pp > 1 and lay.tp > 1,
+             lambda lay: f"pipeline.stages = {lay.pp} with tensor_parallel.autotp_size = {lay.tp}", LLAMA_FAMILY,
              "the stages' blocks are sliced by launcher/parallel/layers/tensor.py, which knows Llama-family blocks "
              "only; use pipeline or tensor parallelism alone for it", 1, False),
-    Strategy("sequence_parallel", "sequence_parallel", "SequenceParallel", lambda lay: lay.sp > 1, LLAMA_FAMILY,
+    Strategy("sequence_parallel", "sequence_parallel", "SequenceParallel", lambda lay: lay.sp > 1,
+             lambda lay: f"sequence_parallel_size = {lay.sp}", LLAMA_FAMILY,
              "Ulysses attention is wired for Llama-family models only; remove sequence_parallel_size", 3, False),
     Strategy("pipeline_parallel", "pipeline_parallel", "PipelineParallel", lambda lay: lay.pp > 1,
-             LLAMA_FAMILY + ("gpt2",),
+             lambda lay: f"pipeline.stages = {lay.pp}", LLAMA_FAMILY + ("gpt2",),
              "it has no pipeline layer list (launcher/parallel/layers/pipeline.py); use a ZeRO or tensor_parallel "
              "config for it", 1, False),
-    Strategy("tensor_parallel", "tensor_parallel", "TensorParallel", lambda lay: lay.tp > 1, None, "", 3, False),
-    Strategy("data_parallel", "data_parallel", "DataParallel", lambda lay: True, None, "", 3, True),
+    Strategy("tensor_parallel", "tensor_parallel", "TensorParallel", lambda lay: lay.tp > 1,
+             lambda lay: f"tensor_parallel.autotp_size = {lay.tp}", None, "", 3, False),
+    Strategy("data_parallel", "data_parallel", "DataParallel", lambda lay: True,
+             lambda lay: f"data parallel over {lay.dp} rank(s)", None, "", 3, True),
 )
 
 
