@@ -139,3 +139,29 @@ def wait_for_steps(proc: subprocess.Popen, out: Path, n: int, timeout: float = 2
         time.sleep(0.2)
     proc.kill()
     pytest.fail(f"fewer than {n} steps within {timeout} s")
+
+
+# ---------------------------------------------------------------- bf16 depends on the CPU
+
+def _machine_bf16() -> bool:
+    from launcher.config.ds.optim import cpu_has_bf16
+    return bool(cpu_has_bf16())
+
+
+MACHINE_BF16 = _machine_bf16()
+"""This CPU lists avx512_bf16 or amx_bf16 (the plan refuses `bf16.enabled: true` elsewhere: emulated bf16
+matmuls are many times slower than fp32). CI's machine is an AMD EPYC without AVX-512 some days."""
+
+needs_bf16 = pytest.mark.skipif(not MACHINE_BF16, reason="this CPU lists neither avx512_bf16 nor amx_bf16, so labs "
+                                "refuses bf16 here (emulated bf16 is many times slower than fp32); "
+                                "tests/test_dsconfig.py checks that refusal")
+
+
+@pytest.fixture
+def bf16_cpu(tmp_path, monkeypatch):
+    """A CPU that lists AMX-BF16, for in-process checks of bf16 configs on any machine: the plan reads
+    /proc/cpuinfo (launcher/config/ds/optim.CPUINFO) and nothing else about the CPU."""
+    info = tmp_path / "cpuinfo-bf16"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    monkeypatch.setattr("launcher.config.ds.optim.CPUINFO", info)
+    return info

@@ -161,7 +161,7 @@ JOB = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.01, "war
        "max_grad_norm": 0.5, "micro_batch": 2, "grad_accum": 4, "bf16": True}
 
 
-def test_auto_resolved_from_the_job_with_notes():
+def test_auto_resolved_from_the_job_with_notes(bf16_cpu):
     cfg, notes = resolve_auto(AUTO_CFG, PATH, dp=2, hidden_size=64, job_values=JOB)
     opt, sched, zero = cfg["optimizer"]["params"], cfg["scheduler"]["params"], cfg["zero_optimization"]
     assert (opt["lr"], opt["betas"], opt["eps"], opt["weight_decay"]) == (3e-3, [0.9, 0.95], 1e-6, 0.01)
@@ -206,9 +206,19 @@ def test_batch_derived_from_what_the_config_gives():
     assert notes == ["train_micro_batch_size_per_gpu = 4 (auto: train_batch_size 16 / (grad accum 2 x data-parallel 2))"]
 
 
+def test_accelerate_zero3_gather_auto_is_resolved_as_accelerate_does():
+    """accelerate's ZeRO-3 configs say stage3_gather_16bit_weights_on_model_save: "auto"; accelerate fills it from
+    zero3_save_16bit_model (default false), and DeepSpeed takes the result."""
+    cfg = base(zero_optimization={"stage": 3, "stage3_gather_16bit_weights_on_model_save": "auto"})
+    out, notes = resolve_auto(cfg, PATH, dp=2, hidden_size=64, job_values={})
+    assert out["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is False
+    assert any(n.startswith("zero_optimization.stage3_gather_16bit_weights_on_model_save = False (auto") for n in notes)
+    accepted(resolve_batch(out, 2, PATH))
+
+
 @pytest.mark.parametrize("where, value, expected", [
-    (("zero_optimization", "stage3_gather_16bit_weights_on_model_save"), "auto",
-     "zero_optimization.stage3_gather_16bit_weights_on_model_save = \"auto\", which nothing resolves"),
+    (("zero_optimization", "sub_group_size"), "auto",
+     "zero_optimization.sub_group_size = \"auto\", which nothing resolves"),
     (("optimizer", "params", "amsgrad"), "auto", "optimizer.params.amsgrad = \"auto\""),
     (("scheduler", "params", "warmup_type"), "auto", "scheduler.params.warmup_type = \"auto\""),
 ])
@@ -369,7 +379,7 @@ def test_ops_needed(tmp_path):
 # ---------------------------------------------------------------- the shipped configs
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "ds_configs").glob("*.json")))
-def test_every_shipped_config_validates(name):
+def test_every_shipped_config_validates(bf16_cpu, name):
     path = f"ds_configs/{name}"
     cfg = strip_comments(load_ds_config(REPO / path))
     layout = Layout.from_ds_config(cfg, max(2, min_world(cfg)), path)  # 2 ranks, or what the config needs

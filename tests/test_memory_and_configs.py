@@ -103,7 +103,7 @@ def test_known_keys_cover_everything_deepspeed_reads():
     assert seen - accepted_keys() == set()
 
 
-def test_jobs_all_plan(tmp_path):
+def test_jobs_all_plan(bf16_cpu, tmp_path):
     from launcher.launch.make_plan import make_plan
     for job in sorted(Path(REPO / "jobs").glob("*.yaml")):
         text = job.read_text()

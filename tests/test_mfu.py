@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_ok, launch, read_metrics, summary
+from conftest import REPO, assert_ok, launch, needs_bf16, read_metrics, summary
 
 from launcher.common.cache import table_peak
 from launcher.estimate.flops import preset_flops, token_flops
@@ -161,6 +161,7 @@ def test_mfu_in_one_process_dry_run(tmp_path):
 
 
 @pytest.mark.distributed
+@needs_bf16
 def test_bf16_zero2_trains_on_two_gloo_ranks(tmp_path, ds_ops):
     """ds_configs/zero2_bf16.json: bf16 weights and activations, gradients reduced in fp32
     (`communication_data_type`); the comms logger shows 4 bytes per gradient element reduced."""

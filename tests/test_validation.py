@@ -61,7 +61,7 @@ def _min_world(config: str) -> int:
 
 
 @pytest.mark.parametrize("config, slots", [(c, n) for c in SHIPPED for n in (1, 2, 4) if n % _min_world(c) == 0])
-def test_shipped_configs_fit_any_world_size(tmp_path, config, slots):
+def test_shipped_configs_fit_any_world_size(bf16_cpu, tmp_path, config, slots):
     """Micro batch and accumulation are fixed, the global batch derived: 1, 2 or 4 ranks all plan."""
     hf = write(tmp_path / "hosts", f"localhost slots={slots}\n")
     plan = make_plan("jobs/fine_tune_zero2.yaml", ds_config=f"ds_configs/{config}", hostfile=hf)

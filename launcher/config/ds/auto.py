@@ -63,6 +63,131 @@ def _refuse_auto(cfg: dict[str, Any], path: str) -> None:
         )
 
 
+FROM_JOB: tuple[tuple[str, str], ...] = (
+    ("gradient_clipping", "max_grad_norm"),
+    ("optimizer.params.lr", "lr"),
+    ("optimizer.params.betas", "betas"),
+    ("optimizer.params.eps", "eps"),
+    ("optimizer.params.weight_decay", "weight_decay"),
+    ("fp16.enabled", "fp16"),
+    ("bf16.enabled", "bf16"),
+    ("bfloat16.enabled", "bf16"),
+)
+"""Dotted config key -> the job value it takes when "auto" (the HF Trainer's `fill_match` lines)."""
+
+FIXED: dict[str, tuple[Any, str]] = {
+    "scheduler.params.warmup_min_lr": (0, "0 as the HF Trainer sets it"),
+    # accelerate's DeepSpeedPlugin fills it from zero3_save_16bit_model (default false): labs exports the
+    # consolidated fp32 weights itself (zero_to_fp32), so nothing needs the 16-bit gather at save time
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": (
+        False, "false as accelerate's zero3_save_16bit_model defaults; labs exports the fp32 weights itself"),
+}
+"""Dotted config key -> the value "auto" takes there regardless of the job, and why."""
+
+
+class _Filler:
+    """One resolve_auto call: the config being filled, the notes, and where each job value comes from."""
+
+    def __init__(self, cfg: dict[str, Any], path: str, job_values: dict[str, Any], accelerator: str):
+        unknown = set(job_values) - set(JOB_DEFAULTS)
+        if unknown:
+            raise TypeError(f"resolve_auto: unknown job_values keys {sorted(unknown)}; expected {sorted(JOB_DEFAULTS)}")
+        self.out, self.path, self.job_values, self.accelerator = strip_comments(cfg), path, job_values, accelerator
+        self.notes: list[str] = []
+
+    def job(self, key: str) -> tuple[Any, str]:
+        value = self.job_values.get(key)
+        if value is not None:
+            return value, f"from the job's {JOB_FIELDS[key]}"
+        return JOB_DEFAULTS[key], f"the HF Trainer's default; set {JOB_FIELDS[key]} in the job to choose"
+
+    def fill(self, keys: tuple[str, ...], value: Any, why: str) -> None:
+        get_path(self.out, keys[:-1])[keys[-1]] = value
+        self.notes.append(f"{_dotted(keys)} = {value!r} ({why})")
+
+    def is_auto(self, keys: tuple[str, ...]) -> bool:
+        return get_path(self.out, keys) == "auto"
+
+    def batch(self, dp: int) -> None:
+        """The batch triad: the job's micro batch and accumulation when the config has none, then the third."""
+        out, (tb_k, mb_k, ga_k) = self.out, BATCH_KEYS
+
+        def unset(k: str) -> bool:
+            return out.get(k) is None or out.get(k) == "auto"
+
+        def why(k: str, how: str) -> str:
+            return f"{'auto' if self.is_auto((k,)) else 'not set'}{how}"
+
+        for key, jkey, when in ((mb_k, "micro_batch", unset(mb_k) and unset(tb_k)),
+                                (ga_k, "grad_accum", unset(ga_k) and (unset(tb_k) or unset(mb_k)))):
+            if when:
+                value, src = self.job(jkey)
+                self.fill((key,), value, why(key, f", {src}"))
+        tb, mb, ga = (out.get(k) for k in BATCH_KEYS)
+        if unset(tb_k) and _positive(mb) and _positive(ga):
+            self.fill((tb_k,), mb * ga * dp, why(tb_k, f": micro batch {mb} x grad accum {ga} x data-parallel {dp}"))
+        elif unset(mb_k) and _positive(tb) and _positive(ga) and tb % (ga * dp) == 0:
+            self.fill((mb_k,), tb // (ga * dp), why(mb_k, f": train_batch_size {tb} / (grad accum {ga} x data-parallel {dp})"))
+        elif unset(ga_k) and _positive(tb) and _positive(mb) and tb % (mb * dp) == 0:
+            self.fill((ga_k,), tb // (mb * dp), why(ga_k, f": train_batch_size {tb} / (micro batch {mb} x data-parallel {dp})"))
+
+    def from_job(self) -> None:
+        for dotted, jkey in FROM_JOB:
+            keys = tuple(dotted.split("."))
+            if not isinstance(get_path(self.out, keys[:-1]), dict) or not self.is_auto(keys):
+                continue
+            value, src = self.job(jkey)
+            if jkey in ("bf16", "fp16"):
+                if value == "auto":  # the job leaves it to the machine
+                    value, src = machine_bf16(self.accelerator), f"{src} = auto: {machine_bf16_reason(self.accelerator)}"
+                value = bool(value)
+            self.fill(keys, list(value) if jkey == "betas" else value, f"auto, {src}")
+        for dotted, (value, why) in FIXED.items():
+            keys = tuple(dotted.split("."))
+            if isinstance(get_path(self.out, keys[:-1]), dict) and self.is_auto(keys):
+                self.fill(keys, value, f"auto, {why}")
+
+    def scheduler(self) -> None:
+        sched = ("scheduler", "params")
+        if not isinstance(get_path(self.out, sched), dict):
+            return
+        lr, lr_src = self.job("lr")
+        if self.is_auto(sched + ("warmup_max_lr",)):
+            self.fill(sched + ("warmup_max_lr",), lr, f"auto, the learning rate, {lr_src}")
+        total, total_src = self.job("total_steps")
+        if self.is_auto(sched + ("total_num_steps",)):
+            if total is None:
+                raise LabsError(
+                    f"{self.path}: scheduler.params.total_num_steps = \"auto\" needs the number of optimizer steps of "
+                    f"the run, which the plan knows only from the job's {JOB_FIELDS['total_steps']}; set it "
+                    f"(--set {JOB_FIELDS['total_steps']}=N) or write a number here")
+            self.fill(sched + ("total_num_steps",), int(total), f"auto, {total_src}")
+        if self.is_auto(sched + ("warmup_num_steps",)):
+            warm, warm_src = self.job("warmup_steps")
+            if isinstance(warm, float) and 0 < warm < 1:  # a ratio, as HF's get_warmup_steps reads it
+                if total is None:
+                    raise LabsError(f"{self.path}: scheduler.params.warmup_num_steps = \"auto\" with a warmup ratio "
+                                    f"{warm} needs {JOB_FIELDS['total_steps']}; set it, or give warmup steps")
+                warm = math.ceil(total * warm)
+            self.fill(sched + ("warmup_num_steps",), max(1, int(warm)),
+                      f"auto, max(1, {warm}), {warm_src}; DeepSpeed 0.19 refuses 0 warmup steps")
+
+    def buckets(self, hidden_size: int | None) -> None:
+        zero = self.out.get("zero_optimization")
+        if not isinstance(zero, dict):
+            return
+        autos = [k for k in HIDDEN_KEYS if zero.get(k) == "auto"]
+        if autos and hidden_size is None:
+            raise LabsError(
+                f"{self.path}: zero_optimization.{autos[0]} = \"auto\" is computed from the model's hidden size "
+                f"({HIDDEN_KEYS[autos[0]][0]}, as the HF Trainer does), which is unknown until this model is "
+                f"loaded (a hub model); write a number there, e.g. 5e7")
+        for k in autos:
+            formula, fn = HIDDEN_KEYS[k]
+            self.fill(("zero_optimization", k), fn(hidden_size),
+                      f"auto, {formula} with the model's hidden size {hidden_size}")
+
+
 def resolve_auto(cfg: dict[str, Any], path: str, *, dp: int, hidden_size: int | None,
                  job_values: dict[str, Any], accelerator: str = "cpu") -> tuple[dict[str, Any], list[str]]:
     """The config with every "auto" resolved, and one note per value filled ("optimizer.params.lr =
@@ -71,108 +196,13 @@ def resolve_auto(cfg: dict[str, Any], path: str, *, dp: int, hidden_size: int | 
     micro_batch, grad_accum, bf16, fp16; a missing or None one takes the HF Trainer's default.
     `dp` is the data-parallel size, `hidden_size` the model's (None when unknown before loading).
     Any "auto" the HF Trainer would not fill is a LabsError naming the key. Comment keys are dropped."""
-    out = strip_comments(cfg)
-    notes: list[str] = []
-    unknown = set(job_values) - set(JOB_DEFAULTS)
-    if unknown:
-        raise TypeError(f"resolve_auto: unknown job_values keys {sorted(unknown)}; expected {sorted(JOB_DEFAULTS)}")
-
-    def job(key: str) -> tuple[Any, str]:
-        value = job_values.get(key)
-        if value is not None:
-            return value, f"from the job's {JOB_FIELDS[key]}"
-        return JOB_DEFAULTS[key], f"the HF Trainer's default; set {JOB_FIELDS[key]} in the job to choose"
-
-    def fill(keys: tuple[str, ...], value: Any, why: str) -> None:
-        node = get_path(out, keys[:-1])
-        node[keys[-1]] = value
-        notes.append(f"{_dotted(keys)} = {value!r} ({why})")
-
-    def is_auto(keys: tuple[str, ...]) -> bool:
-        return get_path(out, keys) == "auto"
-
-    # the batch triad: the job's micro batch and accumulation when the config has none
-    tb_k, mb_k, ga_k = BATCH_KEYS
-
-    def unset(k: str) -> bool:
-        return out.get(k) is None or out.get(k) == "auto"
-
-    def why(k: str, how: str) -> str:
-        return f"{'auto' if is_auto((k,)) else 'not set'}{how}"
-
-    if unset(mb_k) and unset(tb_k):
-        value, src = job("micro_batch")
-        fill((mb_k,), value, why(mb_k, f", {src}"))
-    if unset(ga_k) and (unset(tb_k) or unset(mb_k)):
-        value, src = job("grad_accum")
-        fill((ga_k,), value, why(ga_k, f", {src}"))
-    tb, mb, ga = (out.get(k) for k in BATCH_KEYS)
-    if unset(tb_k) and _positive(mb) and _positive(ga):
-        fill((tb_k,), mb * ga * dp, why(tb_k, f": micro batch {mb} x grad accum {ga} x data-parallel {dp}"))
-    elif unset(mb_k) and _positive(tb) and _positive(ga) and tb % (ga * dp) == 0:
-        fill((mb_k,), tb // (ga * dp), why(mb_k, f": train_batch_size {tb} / (grad accum {ga} x data-parallel {dp})"))
-    elif unset(ga_k) and _positive(tb) and _positive(mb) and tb % (mb * dp) == 0:
-        fill((ga_k,), tb // (mb * dp), why(ga_k, f": train_batch_size {tb} / (micro batch {mb} x data-parallel {dp})"))
-
-    if is_auto(("gradient_clipping",)):
-        value, src = job("max_grad_norm")
-        fill(("gradient_clipping",), value, f"auto, {src}")
-
-    lr, lr_src = job("lr")
-    params = ("optimizer", "params")
-    if isinstance(get_path(out, params), dict):
-        for key, jkey in (("lr", "lr"), ("betas", "betas"), ("eps", "eps"), ("weight_decay", "weight_decay")):
-            if is_auto(params + (key,)):
-                value, src = job(jkey)
-                fill(params + (key,), list(value) if key == "betas" else value, f"auto, {src}")
-
-    sched = ("scheduler", "params")
-    if isinstance(get_path(out, sched), dict):
-        if is_auto(sched + ("warmup_min_lr",)):
-            fill(sched + ("warmup_min_lr",), 0, "auto, 0 as the HF Trainer sets it")
-        if is_auto(sched + ("warmup_max_lr",)):
-            fill(sched + ("warmup_max_lr",), lr, f"auto, the learning rate, {lr_src}")
-        total, total_src = job("total_steps")
-        if is_auto(sched + ("total_num_steps",)):
-            if total is None:
-                raise LabsError(
-                    f"{path}: scheduler.params.total_num_steps = \"auto\" needs the number of optimizer steps of "
-                    f"the run, which the plan knows only from the job's {JOB_FIELDS['total_steps']}; set it "
-                    f"(--set {JOB_FIELDS['total_steps']}=N) or write a number here"
-                )
-            fill(sched + ("total_num_steps",), int(total), f"auto, {total_src}")
-        if is_auto(sched + ("warmup_num_steps",)):
-            warm, warm_src = job("warmup_steps")
-            if isinstance(warm, float) and 0 < warm < 1:  # a ratio, as HF's get_warmup_steps reads it
-                if total is None:
-                    raise LabsError(f"{path}: scheduler.params.warmup_num_steps = \"auto\" with a warmup ratio "
-                                    f"{warm} needs {JOB_FIELDS['total_steps']}; set it, or give warmup steps")
-                warm = math.ceil(total * warm)
-            fill(sched + ("warmup_num_steps",), max(1, int(warm)),
-                 f"auto, max(1, {warm}), {warm_src}; DeepSpeed 0.19 refuses 0 warmup steps")
-
-    for section, jkey in (("fp16", "fp16"), ("bf16", "bf16"), ("bfloat16", "bf16")):
-        if is_auto((section, "enabled")):
-            value, src = job(jkey)
-            if value == "auto":  # the job leaves it to the machine
-                value, src = machine_bf16(accelerator), f"{src} = auto: {machine_bf16_reason(accelerator)}"
-            fill((section, "enabled"), bool(value), f"auto, {src}")
-
-    zero = out.get("zero_optimization")
-    if isinstance(zero, dict):
-        autos = [k for k in HIDDEN_KEYS if zero.get(k) == "auto"]
-        if autos and hidden_size is None:
-            raise LabsError(
-                f"{path}: zero_optimization.{autos[0]} = \"auto\" is computed from the model's hidden size "
-                f"({HIDDEN_KEYS[autos[0]][0]}, as the HF Trainer does), which is unknown until this model is "
-                f"loaded (a hub model); write a number there, e.g. 5e7"
-            )
-        for k in autos:
-            formula, fn = HIDDEN_KEYS[k]
-            fill(("zero_optimization", k), fn(hidden_size), f"auto, {formula} with the model's hidden size {hidden_size}")
-
-    _refuse_auto(out, path)
-    return out, notes
+    f = _Filler(cfg, path, job_values, accelerator)
+    f.batch(dp)
+    f.from_job()
+    f.scheduler()
+    f.buckets(hidden_size)
+    _refuse_auto(f.out, path)
+    return f.out, f.notes
 
 
 def _positive(x: Any) -> bool:
