@@ -130,6 +130,7 @@ def _leave(code: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="launcher.serve.rank")
     p.add_argument("--spec", required=True, help="serve.json written by `labs serve`")
+    p.add_argument("--local_rank", type=int, help="(the deepspeed launcher's; LOCAL_RANK is read instead)")
     args = p.parse_args(argv)
     spec_file = Path(args.spec)
     spec, serve_dir = json.loads(spec_file.read_text()), spec_file.parent
