@@ -231,15 +231,20 @@ def test_load_32_requests_at_concurrency_8_counted_and_health_fast(server):
 
 
 def test_queue_full_is_429_then_serving_goes_on(server):
+    """24 requests at once against 8 running + 8 waiting: some are refused with 429, the rest answered."""
+    gate = threading.Barrier(24, timeout=30)
+
     def one(i: int) -> int:
-        r = httpx.post(server.url + "/v1/completions", headers=server.headers(), timeout=60,
-                       json={"model": "llama-tiny", "prompt": f"flood {i}", "max_tokens": 40, "temperature": 0})
+        with httpx.Client(timeout=120) as c:
+            gate.wait()
+            r = c.post(server.url + "/v1/completions", headers=server.headers(),
+                       json={"model": "llama-tiny", "prompt": f"flood {i}", "max_tokens": 120, "temperature": 0})
         if r.status_code == 429:
             assert r.json()["error"]["code"] == "rate_limited"
         return r.status_code
 
     with ThreadPoolExecutor(24) as pool:
-        codes = list(pool.map(one, range(24), timeout=120))
+        codes = list(pool.map(one, range(24), timeout=180))
     assert 429 in codes and set(codes) <= {200, 429}, codes
     assert server.client().completions.create(model="llama-tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
@@ -349,3 +354,37 @@ def _alive(pid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def test_targets_resolve_without_torch_and_bad_ones_are_named(tmp_path, adapter):
+    """TARGET kinds resolve in the `labs` process (no torch); each mistake is a LabsError naming it."""
+    import shutil
+
+    from launcher.errors import LabsError
+    from launcher.serve.target import resolve
+    t = resolve("llama-tiny", None, [f"tuned={adapter[0]}"])
+    assert (t.name, t.model, list(t.adapters)) == ("llama-tiny", "llama-tiny", ["tuned"]) and t.context == 512
+    over = tmp_path / "over"
+    shutil.copytree(adapter[0], over)
+    cfg = json.loads((over / "adapter_config.json").read_text())
+    (over / "adapter_config.json").write_text(json.dumps(cfg | {"base_model_name_or_path": "llama-tiny"}))
+    t = resolve(str(over), None, [])
+    assert (t.name, t.model, t.adapters) == ("llama-tiny", "llama-tiny", {str(over): str(over.resolve())})
+    run = tmp_path / "run"
+    (run / "hf").mkdir(parents=True)
+    (run / "job.yaml").write_text("task: tinyllama\n")
+    shutil.copytree(over, run / "hf" / "adapter")
+    assert resolve(str(run), None, []).model == "llama-tiny"
+    for target, step, loras, words in (("bert-tiny", None, [], "not a causal LM"), ("no such/thing!", None, [], "neither"),
+                                       ("llama-tiny", 3, [], "--step 3"), (str(tmp_path), None, [], "job.yaml"),
+                                       ("llama-tiny", None, ["x"], "NAME=PATH"),
+                                       ("llama-tiny", None, [f"llama-tiny={adapter[0]}"], "already served"),
+                                       (str(run / "nothing"), None, [], "neither")):
+        with pytest.raises(LabsError, match=words):
+            resolve(target, step, loras)
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "serve", "llama-tiny", "--tp", "2", "--lora",
+                           f"t={adapter[0]}", "--out", str(tmp_path / "s")], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "AutoTP does not shard PEFT" in proc.stderr
+    code = "import sys, launcher.serve_cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0, "labs serve imports torch"
