@@ -3,6 +3,7 @@
     labs plan   jobs/demo.yaml [--ds-config F] [--hostfile F] [--set key=value ...]
     labs launch jobs/demo.yaml [same flags] [--dry_run] [--resume [RUN_DIR]] [--epochs N]
     labs presets
+    labs serve  TARGET [--tp N] [--port P] [--lora NAME=PATH ...]   (OpenAI-compatible server, docs/serving.md)
     labs peak   [--dtype fp32 bf16] [--threads 1 2] [--refresh]   (the matmul peak behind MFU)
 """
 
@@ -231,7 +232,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 # Subcommands that own their whole argument list: `labs NAME ...` runs MODULE.main(argv).
 DELEGATED = {"rag": "tasks.rag", "compare": "launcher.compare", "peak": "launcher.mfu",
-             "export": "launcher.export", "merge": "launcher.export:main_merge", "runs": "launcher.runs"}
+             "export": "launcher.export", "merge": "launcher.export:main_merge", "runs": "launcher.runs",
+             "serve": "launcher.serve_cli"}
 """`labs NAME ...` -> MODULE.main(argv), or MODULE:FUNCTION(argv)."""
 
 

@@ -1,0 +1,109 @@
+"""Benchmark (not a test): `labs serve` throughput and time to first token at concurrency 1, 4, 8 against a
+plain sequential `model.generate` loop on the same weights, in the same invocation.
+
+    python bench/serve.py [--model llama-small] [--tokens 64] [--requests 16] [--repeats 3] [--threads 1]
+
+Writes bench/results/serve.json and prints a markdown table (median and range over the repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's launcher, not an installed one
+from serve_helpers import REPO, Server  # noqa: E402
+
+PROMPTS = ["The history of parallel computing", "Tensor parallelism splits", "On a small CPU machine,",
+           "A language model server"]
+
+
+def sequential(model_name: str, seed: int, n: int, tokens: int, threads: int) -> float:
+    """tokens/s of a plain loop: one model.generate per request, greedy, exactly `tokens` new tokens."""
+    import torch
+
+    from tasks.causal_lm import build_causal_lm
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model, tok = build_causal_lm(model_name)
+    model.eval()
+    t0 = time.perf_counter()
+    for i in range(n):
+        x = tok(f"{PROMPTS[i % 4]} {i}", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, min_new_tokens=tokens,
+                           do_sample=False, pad_token_id=tok.pad_token_id)
+    return n * tokens / (time.perf_counter() - t0)
+
+
+def served(server: Server, concurrency: int, n: int, tokens: int) -> tuple[float, list[float]]:
+    """(tokens/s, the TTFTs) of n streamed requests, `concurrency` at a time."""
+    client = server.client()
+
+    def one(i: int) -> tuple[float, int]:
+        t0, first, count = time.perf_counter(), None, 0
+        for chunk in client.completions.create(model=server.name, prompt=f"{PROMPTS[i % 4]} {i}", max_tokens=tokens,
+                                               temperature=0, stream=True, stream_options={"include_usage": True}):
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter() - t0
+            if chunk.usage:
+                count = chunk.usage.completion_tokens
+        return first or 0.0, count
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        out = list(pool.map(one, range(n)))
+    return sum(c for _, c in out) / (time.perf_counter() - t0), [f for f, _ in out]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama-small")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    rows: dict[str, list] = {"sequential": [], **{f"c{c}": [] for c in (1, 4, 8)}}
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server([args.model, "--threads", str(args.threads), "--max-batch", "8"], Path(tmp) / "bench")
+        server.name = args.model
+        try:
+            server.wait_ready()
+            served(server, 4, 4, 8)  # warm-up
+            for _ in range(args.repeats):
+                rows["sequential"].append((sequential(args.model, 0, args.requests // 2, args.tokens, args.threads), []))
+                for c in (1, 4, 8):
+                    rows[f"c{c}"].append(served(server, c, args.requests, args.tokens))
+        finally:
+            server.stop()
+    base = statistics.median(r[0] for r in rows["sequential"])
+    lines = ["| run | tokens/s median (range) | x sequential | TTFT p50 / p95 (s) |", "|---|---|---|---|"]
+    result = {"args": vars(args), "runs": {}}
+    for name, runs in rows.items():
+        tps = [r[0] for r in runs]
+        ttft = [f for r in runs for f in r[1]]
+        med = statistics.median(tps)
+        t = f"{pct(ttft, 0.5):.3f} / {pct(ttft, 0.95):.3f}" if ttft else "-"
+        lines.append(f"| {name} | {med:.1f} ({min(tps):.1f}-{max(tps):.1f}) | {med / base:.2f} | {t} |")
+        result["runs"][name] = {"tokens_per_s": tps, "ttft": ttft}
+    out = REPO / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(result, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Starting and stopping a real `labs serve` process for tests/test_serve.py and bench/serve.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Server:
+    """`labs serve ARGS` on 127.0.0.1 and a free port; `url` once /health says ready."""
+
+    def __init__(self, args: list[str], out: Path, key: str | None = None, env: dict | None = None):
+        from launcher.rank_env import free_port
+        self.port, self.key, self.out = free_port(), key, out
+        self.log = open(out.with_suffix(".console.log"), "w")  # noqa: SIM115 - closed in stop()
+        cmd = [sys.executable, "-m", "launcher.cli", "serve", *args, "--port", str(self.port), "--out", str(out)]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=os.environ | {"PYTHONPATH": str(REPO)} | (env or {}))
+        self.health_codes: list[int] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        t_end = time.monotonic() + timeout
+        while time.monotonic() < t_end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"labs serve exited {self.proc.returncode}:\n{self.console()}")
+            try:
+                code = httpx.get(self.url + "/health", timeout=2).status_code
+                self.health_codes.append(code)
+                if code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"not ready in {timeout} s:\n{self.console()}")
+
+    def console(self) -> str:
+        self.log.flush()
+        return self.out.with_suffix(".console.log").read_text()[-6000:]
+
+    def client(self, **kw):
+        import openai
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.key or "none", max_retries=0, timeout=60, **kw)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(self.url + "/metrics", headers=self.headers(), timeout=5).text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+        return self.proc.returncode
