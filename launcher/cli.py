@@ -77,11 +77,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_launch(args: argparse.Namespace) -> int:
     import time
 
-    from launcher.backends import build_command, check_ssh, check_tools
     from launcher.common.proc import clear_stale_build_locks, free_port, port_free, remove_shm
     from launcher.common.run_dir import EXIT_STOPPED
     from launcher.common.text import mask
     from launcher.launch import supervise
+    from launcher.launch.backends import build_command, check_ssh, check_tools
     from launcher.launch.make_plan import write_run_files
     from launcher.launch.render import render
 
@@ -158,7 +158,7 @@ def _submit_slurm(plan, env: dict[str, str], detach: bool) -> int:
     import shutil
     import time
 
-    from launcher.backends import render_slurm_script
+    from launcher.launch.slurm import render_slurm_script
     script = plan.run_dir / "slurm_job.sh"
     script.write_text(render_slurm_script(plan))
     script.chmod(0o755)

@@ -20,17 +20,19 @@ import os
 import sys
 from pathlib import Path
 
-from launcher.backends import build_command, check_ssh, check_tools, runner_env
-from launcher.errors import LabsError
-from launcher.files import load_json
-from launcher.hostfile import is_local, load_hostfile
-from launcher.job import Job
-from launcher.layout import Layout
-from launcher.plan import Plan
-from launcher.rank_env import STOP_FILE, clear_stale_build_locks, free_port, port_free, remove_shm
+from launcher.common.errors import LabsError
+from launcher.common.files import load_json
+from launcher.common.layout import Layout
+from launcher.common.proc import clear_stale_build_locks, free_port, port_free, remove_shm
+from launcher.common.run_dir import STOP_FILE
+from launcher.config.hostfile import is_local, load_hostfile
+from launcher.config.job import Job
+from launcher.launch.backends import build_command, check_ssh, check_tools
+from launcher.launch.env import runner_env
+from launcher.launch.plan import Plan
+from launcher.launch.supervise import failure_report, run_ranks
 from launcher.serve.plan import LOOPBACK, ServePlan
 from launcher.serve.target import resolve
-from launcher.supervise import failure_report, run_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 RANK_MODULE = "launcher.serve.rank"

@@ -1,4 +1,5 @@
-"""What a task module hands to the worker.
+"""THE task interface: what a task module hands to the worker, and the few launcher names a lab may use.
+A lab imports nothing else of launcher/ (a test holds it); torch-free at module level.
 
 A task module (tasks/<name>.py) exposes:
   build(job, options, dry_run) -> TaskParts
@@ -11,13 +12,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from launcher.common.errors import LabsError
+from launcher.common.proc import rank_environment
+from launcher.config.job import Job
+from launcher.config.schema import show
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["LabsError", "Job", "show", "rank_environment", "TensorRows", "TaskParts", "stack_collate",
+           "split_shapes", "release_shm_buffers"]
 
 
-class TensorRows(torch.utils.data.Dataset):
-    """Rows of equal-length tensors (e.g. token blocks), one dict per sample."""
+class TensorRows:
+    """Rows of equal-length tensors (e.g. token blocks), one dict per sample: a map-style dataset (what
+    torch's DataLoader and DistributedSampler take: `__len__` and `__getitem__`)."""
 
     def __init__(self, **columns: torch.Tensor):
         n = {len(v) for v in columns.values()}
@@ -32,6 +43,7 @@ class TensorRows(torch.utils.data.Dataset):
 
 
 def stack_collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    import torch  # keeps torch out of the labs process (which reads the task catalogue)
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
@@ -43,3 +55,15 @@ class TaskParts:
     eval_data: torch.utils.data.Dataset
     collate: Callable[[list[dict]], dict[str, torch.Tensor]] = stack_collate
     extra: dict[str, Any] | None = None
+
+
+def split_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    """The shapes of the first block's matrices and the head as this rank holds them (AutoTP splits them)."""
+    from launcher.parallel.base import split_shapes as shapes  # keeps torch out of the labs process
+    return shapes(module)
+
+
+def release_shm_buffers() -> None:
+    """Unlink this rank's /dev/shm file of DeepSpeed's CPU all-reduce (collective; launcher/parallel/base.py)."""
+    from launcher.parallel.base import release_shm_buffers as release  # keeps torch out of the labs process
+    release()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
-from launcher.common.errors import LabsError
+from tasks.api import LabsError
 from tasks.presets import PRESETS, VOCAB
 
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from launcher.common.errors import LabsError
-from launcher.config.job import Job
+from tasks.api import Job, LabsError
 from tasks.presets import PRESETS, VOCAB
 from tasks.text_data import load_splits, map_columns
 

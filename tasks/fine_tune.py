@@ -13,9 +13,7 @@ from pathlib import Path
 
 import torch
 
-from launcher.common.errors import LabsError
-from launcher.config.job import Job
-from tasks.api import TaskParts, TensorRows
+from tasks.api import Job, LabsError, TaskParts, TensorRows
 from tasks.causal_lm import build_causal_lm
 from tasks.options import FineTuneOptions
 from tasks.text_data import load_splits, require_column

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from launcher.common.errors import LabsError
+from tasks.api import LabsError
 
 log = logging.getLogger("labs")
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from launcher.config.job import Job
-from tasks.api import TaskParts
+from tasks.api import Job, TaskParts
 from tasks.classifier import ClassifierMetric, PadCollate, build_classifier, encode, export_classifier, labelled_splits
 from tasks.options import SimpleModelOptions
 

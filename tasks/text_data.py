@@ -15,9 +15,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from launcher.common.errors import LabsError
-from launcher.config.job import Job
-from launcher.config.schema import show
+from tasks.api import Job, LabsError, show
 from tasks.data_check import (
     LOCAL_COLUMNS,
     LOCAL_LAYOUT,

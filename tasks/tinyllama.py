@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from launcher.config.job import Job
 from tasks import fine_tune
-from tasks.api import TaskParts
+from tasks.api import Job, TaskParts
 from tasks.causal_lm import build_causal_lm
 from tasks.options import TinyLlamaOptions
 from tasks.presets import PRESETS

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import torch
 
-from launcher.common.errors import LabsError
-from launcher.config.job import Job
-from tasks.api import TaskParts
+from tasks.api import Job, LabsError, TaskParts
 from tasks.classifier import ClassifierMetric, PadCollate, build_classifier, encode, export_classifier, labelled_splits
 from tasks.options import TransferOptions
 from tasks.presets import PRESETS

@@ -18,7 +18,7 @@ class Server:
     """`labs serve ARGS` on 127.0.0.1 and a free port; `url` once /health says ready."""
 
     def __init__(self, args: list[str], out: Path, key: str | None = None, env: dict | None = None):
-        from launcher.rank_env import free_port
+        from launcher.common.proc import free_port
         self.port, self.key, self.out = free_port(), key, out
         self.log = open(out.with_suffix(".console.log"), "w")  # noqa: SIM115 - closed in stop()
         cmd = [sys.executable, "-m", "launcher.cli", "serve", *args, "--port", str(self.port), "--out", str(out)]

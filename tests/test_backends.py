@@ -77,8 +77,8 @@ def test_filters_shrink_the_world_and_reach_the_runner(tmp_path):
 
 
 def test_slurm_plan_and_script(tmp_path):
-    from launcher.backends import render_slurm_script
     from launcher.launch.make_plan import make_plan
+    from launcher.launch.slurm import render_slurm_script
     hosts = _hosts(tmp_path, "a slots=2\nb slots=2\n")
     p = make_plan("jobs/fine_tune_dry_run.yaml", hostfile=hosts, backend="slurm",
                   sets=["cluster.partition=cpu", "cluster.time=00:10:00", "cluster.sbatch_args=[--account=ml]"],
@@ -120,7 +120,7 @@ def test_unsafe_environment_value_is_refused(tmp_path):
 
 def test_ssh_check_names_every_unreachable_host(tmp_path):
     """The real check against hosts that cannot answer (no fake cluster needed: the names do not resolve)."""
-    from launcher.backends import check_ssh
+    from launcher.launch.backends import check_ssh
     from launcher.launch.make_plan import make_plan
     if not subprocess.run(["which", "ssh"], capture_output=True).returncode == 0:
         pytest.skip("no ssh client")

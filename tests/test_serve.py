@@ -330,7 +330,7 @@ def test_a_dead_rank_ends_the_server_and_is_named(tmp_path):
 
 
 def _port() -> int:
-    from launcher.rank_env import free_port
+    from launcher.common.proc import free_port
     return free_port()
 
 
@@ -360,7 +360,7 @@ def test_targets_resolve_without_torch_and_bad_ones_are_named(tmp_path, adapter)
     """TARGET kinds resolve in the `labs` process (no torch); each mistake is a LabsError naming it."""
     import shutil
 
-    from launcher.errors import LabsError
+    from launcher.common.errors import LabsError
     from launcher.serve.target import resolve
     t = resolve("llama-tiny", None, [f"tuned={adapter[0]}"])
     assert (t.name, t.model, list(t.adapters)) == ("llama-tiny", "llama-tiny", ["tuned"]) and t.context == 512

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 from launcher.common.run_dir import REPO
@@ -146,3 +147,20 @@ def single_process_env() -> None:
     os.environ.setdefault("DS_ACCELERATOR", accelerator())
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def rank_environment(ranks_per_host: int, threads: int | None = None) -> dict[str, str]:
+    """The environment every rank gets, whoever starts it (`labs launch`'s backends, the RAG lab's
+    tensor-parallel relaunch, `labs serve`): this accelerator and extensions folder, the threads of one
+    rank, the venv's bin first on PATH (its ninja builds DeepSpeed's ops; a second ninja version on PATH,
+    e.g. /usr/bin, hashes commands differently and forces rebuilds of the shared cache), and the
+    repository in front of the user's own PYTHONPATH (extended, never replaced)."""
+    return {
+        "DS_ACCELERATOR": accelerator(),
+        "TORCH_EXTENSIONS_DIR": extensions_dir(),
+        "OMP_NUM_THREADS": str(threads or max((os.cpu_count() or 1) // max(ranks_per_host, 1), 1)),
+        "PATH": os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }

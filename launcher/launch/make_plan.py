@@ -32,7 +32,8 @@ def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: s
               sets: list[str] | tuple[str, ...] = (), dry_run: bool = False, resume: str | None = None,
               backend: str | None = None, master_port: int | None = None,
               run_dir: str | None = None) -> Plan:
-    from launcher.backends import build_command, check_env, runner_env
+    from launcher.launch.backends import build_command
+    from launcher.launch.env import check_env, runner_env
 
     notes: list[str] = []
     config_dir = None
@@ -92,7 +93,7 @@ def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: s
                      f"were measured here 2.4-3x slower than the same ranks bound to their own cores "
                      f"(DEEPSPEED-CPU.md): fine to see the mechanics, not to measure speed")
     plan.env = runner_env(plan)
-    from launcher.backends import deepspeed_env_files
+    from launcher.launch.env import deepspeed_env_files
     for f, values in deepspeed_env_files():
         notes.append(f"environment: {', '.join(values) or 'nothing'} from {f} (DeepSpeed's .deepspeed_env)")
     check_env(plan.env)
@@ -124,7 +125,8 @@ def write_run_files(plan: Plan) -> None:
     """Create the run folder (a new one atomically: a launch in the same second gets `-1`, `-2`, ...)
     and write the resolved job, DeepSpeed config and runner env file into `plan.config_dir`. A resume
     writes them under `RUN/resumes/<time>/` and never rewrites the run's own files."""
-    from launcher.backends import build_command, env_file_text
+    from launcher.launch.backends import build_command
+    from launcher.launch.env import env_file_text
     if plan.resume:
         remove_incomplete(plan.run_dir / "checkpoints")
         (plan.run_dir / STOP_FILE).unlink(missing_ok=True)

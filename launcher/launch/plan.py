@@ -63,3 +63,9 @@ class Plan:
         frozen = 2 * (total - self.trainable) // shard
         return {s: zero_model_state_bytes(s, self.trainable // shard, 0, zero_n, off_opt, off_param)
                 + (frozen // zero_n + 2 * largest if s == 3 else frozen) for s in range(4)}
+
+
+def worker_args(plan: Plan) -> list[str]:
+    """The worker reads the resolved job and DeepSpeed config from the run folder."""
+    conf = ["--config_dir", str(plan.config_dir)] if plan.config_dir != plan.run_dir else []
+    return ["--run_dir", str(plan.run_dir), *conf] + (["--resume"] if plan.resume else [])

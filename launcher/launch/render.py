@@ -8,10 +8,10 @@ from typing import Any
 
 import yaml
 
-from launcher.backends import PASS_PREFIXES, PASS_THROUGH
 from launcher.common.run_dir import REPO
 from launcher.common.text import fmt_bytes, mask
 from launcher.config.job import job_to_dict
+from launcher.launch.env import PASS_PREFIXES, PASS_THROUGH
 from launcher.launch.make_plan import _changed
 from launcher.launch.plan import Plan
 

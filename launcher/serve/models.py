@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from launcher.errors import LabsError
+from launcher.common.errors import LabsError
 from launcher.serve.kv import KVBatch
 
 # For a tokenizer without a chat template (the presets' built-in ones): a plain ChatML-like layout.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.memory import fmt_bytes
+from launcher.common.text import fmt_bytes
 from launcher.serve.target import Target
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

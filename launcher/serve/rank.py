@@ -22,8 +22,10 @@ import time
 import traceback
 from pathlib import Path
 
-from launcher.errors import LabsError
-from launcher.rank_env import STOP_FILE, quiet_console, single_process_env
+from launcher.common.errors import LabsError
+from launcher.common.proc import single_process_env
+from launcher.common.run_dir import STOP_FILE
+from launcher.rank.setup import quiet_console
 
 
 def _status(serve_dir: Path, rank: int, **fields) -> None:
@@ -69,7 +71,7 @@ def _load(spec: dict):
     loaded = load(spec)
     print(f"[rank 0] serving {spec['name']} on http://{spec['host']}:{spec['port']}/v1 "
           f"(context {loaded.context}, chat template {loaded.chat_template})", flush=True)
-    from launcher.rank_env import to_console
+    from launcher.rank.setup import to_console
     to_console(f"== ready: http://{spec['host']}:{spec['port']}/v1 ({spec['name']})\n")
     return loaded
 

@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.errors import LabsError
-from launcher.memory import Shape
+from launcher.common.errors import LabsError
+from launcher.estimate.shape import Shape
 from tasks.presets import PRESETS, VOCAB
 
 CAUSAL_ARCHS = ("llama", "mistral", "gpt2")

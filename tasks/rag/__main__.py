@@ -2,7 +2,7 @@
 
 import sys
 
-from launcher.common.errors import LabsError
+from tasks.api import LabsError
 from tasks.rag.cli import main
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from launcher.common.errors import LabsError
+from tasks.api import LabsError
 from tasks.rag.answer import answer
 from tasks.rag.embedding import Embedder
 from tasks.rag.evaluation import evaluate

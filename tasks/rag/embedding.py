@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from launcher.common.errors import LabsError
+from tasks.api import LabsError
 from tasks.rag.progress import bar
 
 

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from launcher.common.errors import LabsError
+from tasks.api import LabsError
 from tasks.rag.answer import extract
 from tasks.rag.embedding import Embedder
 from tasks.rag.generation import build_prompt

@@ -3,7 +3,7 @@ one process or split over N ranks (`deepspeed.init_inference`, AutoTP; tasks/rag
 
 from __future__ import annotations
 
-from launcher.common.errors import LabsError
+from tasks.api import LabsError
 from tasks.rag.passages import Passage
 from tasks.rag.tensor_parallel import init_distributed, launcher_world, tp_grain
 
@@ -73,7 +73,7 @@ class Generator:
 
     def split_shapes(self) -> dict[str, list[int]]:
         """Shapes of the first block's matrices and the head as this rank holds them."""
-        from launcher.parallel.base import split_shapes
+        from tasks.api import split_shapes
         return split_shapes(self.model)
 
 

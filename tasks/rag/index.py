@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.common.errors import LabsError
+from tasks.api import LabsError
 from tasks.rag.embedding import Embedder
 from tasks.rag.passages import BUILTIN_DOCS, Passage, load_passages
 

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.common.errors import LabsError
+from tasks.api import LabsError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 BUILTIN_DOCS = SAMPLES / "rag_passages.jsonl"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 
 def launcher_world() -> tuple[int, int]:
@@ -29,7 +28,7 @@ def init_distributed() -> None:
     import deepspeed.comm as ds_comm
     if ds_comm.is_initialized():
         return
-    from launcher.parallel.base import release_shm_buffers
+    from tasks.api import release_shm_buffers
     cpu = os.environ.get("DS_ACCELERATOR") == "cpu"
     deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
     release_shm_buffers()  # else every run leaves ~66 MiB per rank in /dev/shm
@@ -54,15 +53,10 @@ def relaunch(argv: list[str], tp_size: int) -> int:
     """Alone with --tp_size N > 1: run the same command as N ranks on this host under torchrun."""
     import subprocess
 
-    from launcher.common.proc import accelerator, extensions_dir
-    from launcher.common.run_dir import REPO
-    # as `labs launch` sets up its ranks: the project's pre-built DeepSpeed ops and the venv's ninja
-    # first (another ninja version on PATH rebuilds them), the cores shared out between the ranks
-    env = os.environ | {
-        "DS_ACCELERATOR": accelerator(), "TORCH_EXTENSIONS_DIR": extensions_dir(),
-        "PATH": os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")])),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max((os.cpu_count() or 1) // tp_size, 1))}
+    from tasks.api import rank_environment
+    # as `labs launch` sets up its ranks (the one rank environment), the cores shared out between the ranks
+    threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else None
+    env = os.environ | rank_environment(tp_size, threads)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(tp_size),
            "-m", "tasks.rag", *argv]
     print(f"tensor-parallel generation on {tp_size} ranks: torchrun --standalone --nproc_per_node {tp_size} "
