@@ -221,7 +221,7 @@ def summarize(arms: list[Arm], w: Workload, results: list[dict[str, Any]], peak_
     from tasks.presets import PRESETS
     preset = None
     if w.model in PRESETS:
-        from launcher.estimate.flops import preset_flops
+        from tasks.presets import preset_flops
         preset = preset_flops(w.model, w.seq).total
     by = {a.name: [r for r in results if r["arm"] == a.name and "error" not in r] for a in arms}
     base = {r["repeat"]: r["tokens_per_s"] for r in by.get(baseline, [])}

@@ -70,6 +70,35 @@ def pin(local_rank: int, local_world: int) -> None:
         os.sched_setaffinity(0, cores[local_rank * per:(local_rank + 1) * per])
 
 
+def make_training(a, model, parts, job, world: int, rank: int):
+    """The plain loop's optimizer (the same AdamW implementation the labs arm gets: --optimizer), warm-up and loader."""
+    import torch
+    flags = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(a.optimizer, {})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, betas=(0.9, 0.95),
+                            eps=1e-8, weight_decay=0.01, **flags)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
+    sampler = torch.utils.data.DistributedSampler(parts.train_data, num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=job.train.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(parts.train_data, batch_size=a.micro, sampler=sampler,
+                                         collate_fn=parts.collate, drop_last=True)
+    return opt, sched, sampler, loader
+
+
+def write_results(a, rank: int, world: int, model, micro, step_times, losses, parts_ms) -> None:
+    """The arm's JSON (rank 0) and every rank's closing line."""
+    import torch
+    if rank == 0 and a.out_json:
+        from launcher.rank.mfu import model_flops
+        seq = int(micro[0]["input_ids"].shape[-1])
+        keep = parts_ms[2:] or parts_ms
+        Path(a.out_json).write_text(json.dumps({
+            "step_times": step_times, "losses": losses, "tokens_per_step": a.micro * a.accum * world * seq,
+            "flops_per_token": model_flops(model, seq).total, "threads": torch.get_num_threads(), "world": world,
+            "breakdown_ms": {k: statistics.median(p[k] for p in keep) for k in keep[0]}}, indent=1) + "\n")
+    print(f"rank {rank}: {a.steps} steps, loss {losses[-1]:.4f}, median step {statistics.median(step_times):.3f} s",
+          flush=True)
+
+
 def main() -> int:
     a = parse()
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -89,14 +118,7 @@ def main() -> int:
     ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
            if world > 1 else model)
     sync = torch.cuda.synchronize if cuda else (lambda: None)  # GPU timers wait for the kernels
-    flags = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(a.optimizer, {})
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, betas=(0.9, 0.95),
-                            eps=1e-8, weight_decay=0.01, **flags)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
-    sampler = torch.utils.data.DistributedSampler(parts.train_data, num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=job.train.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(parts.train_data, batch_size=a.micro, sampler=sampler,
-                                         collate_fn=parts.collate, drop_last=True)
+    opt, sched, sampler, loader = make_training(a, model, parts, job, world, rank)
     batches = iter(loader)
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if a.precision == "bf16"
                 else contextlib.nullcontext)
@@ -153,16 +175,7 @@ def main() -> int:
                          "backward_compute": 1000 * (bwd + (mean_bwd if world > 1 else 0.0)),
                          "allreduce": 1000 * max(bwd_sync - mean_bwd, 0.0) if world > 1 and n_plain else 0.0,
                          "optimizer": 1000 * t_opt})
-    if rank == 0 and a.out_json:
-        from launcher.rank.mfu import model_flops
-        seq = int(micro[0]["input_ids"].shape[-1])
-        keep = parts_ms[2:] or parts_ms
-        Path(a.out_json).write_text(json.dumps({
-            "step_times": step_times, "losses": losses, "tokens_per_step": a.micro * a.accum * world * seq,
-            "flops_per_token": model_flops(model, seq).total, "threads": torch.get_num_threads(), "world": world,
-            "breakdown_ms": {k: statistics.median(p[k] for p in keep) for k in keep[0]}}, indent=1) + "\n")
-    print(f"rank {rank}: {a.steps} steps, loss {losses[-1]:.4f}, median step {statistics.median(step_times):.3f} s",
-          flush=True)
+    write_results(a, rank, world, model, micro, step_times, losses, parts_ms)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

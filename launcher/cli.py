@@ -10,14 +10,26 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from launcher.common.errors import LabsError
-from launcher.common.run_dir import REPO, STOP_FILE
+from launcher.common.proc import clear_stale_build_locks, free_port, port_free, remove_shm
+from launcher.common.run_dir import EXIT_STOPPED, REPO, STOP_FILE, written
+from launcher.common.text import mask
+from launcher.estimate.shape import count_params
+from launcher.launch import supervise
+from launcher.launch.backends import build_command, check_ssh, check_tools
+from launcher.launch.make_plan import make_plan, write_run_files
+from launcher.launch.render import render
+from launcher.launch.slurm import render_slurm_script
+from tasks.presets import PRESETS, VOCAB
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -49,7 +61,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _plan(args: argparse.Namespace):
-    from launcher.launch.make_plan import make_plan
 
     sets = [s for group in args.sets for s in group]
     for flag, key in (("epochs", "train.epochs"), ("max_steps", "train.max_steps"), ("data_dir", "data.data_dir"),
@@ -69,21 +80,14 @@ def _plan(args: argparse.Namespace):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launcher.launch.render import render
     print(render(_plan(args), verbose=args.verbose))
     return 0
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    import time
 
-    from launcher.common.proc import clear_stale_build_locks, free_port, port_free, remove_shm
-    from launcher.common.run_dir import EXIT_STOPPED
-    from launcher.common.text import mask
-    from launcher.launch import supervise
-    from launcher.launch.backends import build_command, check_ssh, check_tools
-    from launcher.launch.make_plan import write_run_files
-    from launcher.launch.render import render
+
+
 
     if args.verbose:
         os.environ["LABS_VERBOSE"] = "1"  # passed to the ranks (LABS_*): they keep their output on the console
@@ -131,7 +135,6 @@ def cmd_launch(args: argparse.Namespace) -> int:
               f"continue it with:\n  labs launch {args.job} --resume {plan.run_dir}", flush=True)
         return EXIT_STOPPED
     if out.code == 0:
-        from launcher.common.run_dir import written
         print(f"\nrun finished: {plan.run_dir} ({', '.join(written(plan.run_dir))})")
         return 0
     if out.signalled:
@@ -155,10 +158,7 @@ def _slurm_state(job_id: str, env: dict[str, str]) -> str:
 
 def _submit_slurm(plan, env: dict[str, str], detach: bool) -> int:
     """sbatch the rendered script; then (unless detached) poll until the job ends and show its output."""
-    import shutil
-    import time
 
-    from launcher.launch.slurm import render_slurm_script
     script = plan.run_dir / "slurm_job.sh"
     script.write_text(render_slurm_script(plan))
     script.chmod(0o755)
@@ -205,8 +205,6 @@ def _submit_slurm(plan, env: dict[str, str], detach: bool) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     (plan.run_dir / STOP_FILE).unlink(missing_ok=True)
-    from launcher.common.run_dir import EXIT_STOPPED
-    from launcher.launch import supervise
     if log.is_file():
         print(log.read_text()[-6000:], end="", flush=True)
     if stopped := supervise.stopped_record(plan.run_dir, started):
@@ -222,8 +220,6 @@ def _submit_slurm(plan, env: dict[str, str], detach: bool) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from launcher.estimate.shape import count_params
-    from tasks.presets import PRESETS, VOCAB
     for name, cfg in PRESETS.items():
         total, _ = count_params(cfg, VOCAB[cfg["tokenizer"]])
         print(f"{name:<12} {cfg['arch']:<6} {total / 1e6:7.1f}M params  tokenizer {cfg['tokenizer']}")
@@ -240,7 +236,6 @@ DELEGATED = {"rag": "tasks.rag", "compare": "launcher.compare", "peak": "launche
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in DELEGATED:
-        import importlib
         modname, _, func = DELEGATED[argv[0]].partition(":")
         try:
             module = importlib.import_module(modname)

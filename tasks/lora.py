@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 
 from tasks.api import LabsError
 
@@ -23,7 +24,6 @@ log = logging.getLogger("labs")
 
 def apply_lora(model: torch.nn.Module, task_type: str, r: int, alpha: int, dropout: float,
                targets: list[str]):
-    from peft import LoraConfig, get_peft_model
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:
@@ -40,7 +40,6 @@ def apply_lora(model: torch.nn.Module, task_type: str, r: int, alpha: int, dropo
 def export_lora(peft_model, tokenizer, state_dict: dict[str, torch.Tensor], out_dir: Path, *,
                 auto_class, base_is_preset: bool, merge: bool) -> None:
     """Write hf/adapter (always), hf/base (preset bases) and merged weights in hf/ (merge)."""
-    from peft import get_peft_model
     config = copy.deepcopy(peft_model.get_base_model().config)
     peft_cfg = copy.deepcopy(peft_model.peft_config["default"])
     fresh = get_peft_model(auto_class.from_config(config, dtype=torch.float32), peft_cfg)

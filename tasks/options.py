@@ -13,6 +13,7 @@ from typing import Any
 from launcher.common.errors import LabsError
 from launcher.config.job import Job
 from launcher.config.schema import FieldError, Rule, at_least, build_section, checked, non_empty, one_of
+from tasks.presets import PRESETS
 
 LORA_RANK = at_least(1, "the rank of each adapter's matrices")
 LORA_ALPHA = at_least(1, "the update is scaled by alpha / r; 0 would train nothing")
@@ -148,7 +149,6 @@ def _check_arch(job: Job, arch: Any, where: str) -> None:
 
 
 def _is_preset(job: Job) -> bool:
-    from tasks.presets import PRESETS
     return job.model.name in PRESETS
 
 

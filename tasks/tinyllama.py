@@ -16,10 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from tasks import fine_tune
 from tasks.api import Job, TaskParts
 from tasks.causal_lm import build_causal_lm
+from tasks.lora import apply_lora, export_lora
 from tasks.options import TinyLlamaOptions
 from tasks.presets import PRESETS
 from tasks.text_data import load_splits, require_column
@@ -29,7 +31,6 @@ summarize = fine_tune.summarize
 
 
 def build(job: Job, options: TinyLlamaOptions, dry_run: bool = False) -> TaskParts:
-    from tasks.lora import apply_lora
     model, tok = build_causal_lm(job.model.name, job.model.tokenizer)
     if options.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -47,9 +48,7 @@ def build(job: Job, options: TinyLlamaOptions, dry_run: bool = False) -> TaskPar
 
 
 def export(parts: TaskParts, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM
 
-    from tasks.lora import export_lora
     export_lora(parts.model, parts.tokenizer, state_dict, out_dir, auto_class=AutoModelForCausalLM,
                 base_is_preset=parts.extra["model_name"] in PRESETS, merge=parts.extra["options"].merge)
 

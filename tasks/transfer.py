@@ -14,9 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from tasks.api import Job, LabsError, TaskParts
 from tasks.classifier import ClassifierMetric, PadCollate, build_classifier, encode, export_classifier, labelled_splits
+from tasks.lora import apply_lora, export_lora
 from tasks.options import TransferOptions
 from tasks.presets import PRESETS
 
@@ -51,7 +53,6 @@ def build(job: Job, options: TransferOptions, dry_run: bool = False) -> TaskPart
     METRIC.label_names = options.label_names
     model, tok = build_classifier(job.model.name, options.num_labels, job.model.tokenizer, options.label_names)
     if options.finetune == "lora":
-        from tasks.lora import apply_lora
         model = apply_lora(model, "SEQ_CLS", options.lora_r, options.lora_alpha, options.lora_dropout,
                            options.lora_target_modules)
     else:
@@ -75,9 +76,7 @@ def export(parts: TaskParts, state_dict: dict[str, torch.Tensor], out_dir: Path)
     if options.finetune != "lora":
         export_classifier(parts, state_dict, out_dir)
         return
-    from transformers import AutoModelForSequenceClassification
 
-    from tasks.lora import export_lora
     name = parts.extra["model_name"]
     export_lora(parts.model, parts.tokenizer, state_dict, out_dir, auto_class=AutoModelForSequenceClassification,
                 base_is_preset=name in PRESETS, merge=options.merge)

@@ -12,12 +12,12 @@ import pytest
 from conftest import REPO, assert_ok, launch, needs_bf16, read_metrics, summary
 
 from launcher.common.cache import table_peak
-from launcher.estimate.flops import preset_flops, token_flops
+from launcher.estimate.flops import token_flops
 from launcher.estimate.shape import count_params
 from launcher.rank.mfu import Meter, model_flops, summary_rows
 from launcher.rank.peak import Peak, measure_matmul, peak
 from launcher.tools.peak import main
-from tasks.presets import PRESETS, VOCAB
+from tasks.presets import PRESETS, VOCAB, preset_flops
 
 SEQ = 64
 

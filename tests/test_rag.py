@@ -51,7 +51,7 @@ def test_rag_eval_metrics_and_index_kinds(rag_store, tmp_path):
 
 
 def test_rag_cli_and_bad_input(tmp_path, capsys):
-    from tasks.rag import main
+    from tasks.rag.cli import main
     docs = tmp_path / "docs.jsonl"
     docs.write_text("\n".join(json.dumps({"id": f"p{i}", "text": t}) for i, t in enumerate(
         ["Cats purr when they are content.", "Rust is a systems programming language.",
@@ -109,7 +109,7 @@ def test_off_topic_questions_get_no_answer_and_the_samples_questions_answers(rag
 
 
 def test_min_score_option_default_and_off(tmp_path, capsys):
-    from tasks.rag import main
+    from tasks.rag.cli import main
     from tasks.rag.threshold import DEFAULT_MIN_SCORE
     index = str(tmp_path / "index")
     assert DEFAULT_MIN_SCORE == 0.37
@@ -189,7 +189,7 @@ def test_progress_bar_on_rank_0_in_a_terminal_only(monkeypatch):
 
 
 def test_build_and_eval_end_with_a_line_of_counts(tmp_path, capsys):
-    from tasks.rag import main
+    from tasks.rag.cli import main
     assert main(["--dry_run", "--index_dir", str(tmp_path / "i")]) == 0
     out = capsys.readouterr().out
     assert "embedding 12 passages and 36 sentences with all-MiniLM-L6-v2 into a flat index" in out

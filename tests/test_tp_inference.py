@@ -73,7 +73,7 @@ def test_tp_generation_splits_weights_and_equals_one_process(tmp_path, ds_ops):
 def test_rag_cli_tp_size_relaunches_and_answers_like_one_process(tmp_path, ds_ops):
     """`--tp_size 2` alone re-launches under torchrun (which sets no LOCAL_SIZE: the shared-memory
     all-reduce must still be set up); only rank 0 prints; the answer equals the 1-process answer."""
-    from tasks.rag import main
+    from tasks.rag.cli import main
 
     args = [
         "--generator",
@@ -103,7 +103,7 @@ def test_rag_cli_tp_size_relaunches_and_answers_like_one_process(tmp_path, ds_op
 
 def test_tp_size_errors(tmp_path, monkeypatch):
     from launcher.common.errors import LabsError
-    from tasks.rag import main
+    from tasks.rag.cli import main
     from tasks.rag.generation import build_generator
 
     with pytest.raises(LabsError, match="--generator"):

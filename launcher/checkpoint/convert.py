@@ -79,6 +79,7 @@ def check_whole(state: dict, where: str) -> dict:
 
 
 def _load(path: Path) -> dict:
+    # keeps torch and DeepSpeed out of the labs process
     import torch
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
@@ -94,6 +95,7 @@ def _numel(shape) -> int:
 def _merge_zero12(shapes: list[dict], paddings, per_rank: list[list]) -> dict:
     """ZeRO-1/2: group g's flat vector is the ranks' slices end to end; parameters follow each other
     in it (plus any alignment padding DeepSpeed records)."""
+    # keeps torch and DeepSpeed out of the labs process
     import torch
     out = {}
     for g, group_shapes in enumerate(shapes):
@@ -110,6 +112,7 @@ def _merge_zero12(shapes: list[dict], paddings, per_rank: list[list]) -> dict:
 
 def _merge_zero3(shapes: list[dict], per_rank: list[list]) -> dict:
     """ZeRO-3: each rank's vector holds, parameter after parameter, its ceil(numel / dp) slice."""
+    # keeps torch and DeepSpeed out of the labs process
     import torch
     dp = len(per_rank)
     flats = [torch.cat([t.reshape(-1) for t in r]) for r in per_rank]
@@ -212,6 +215,7 @@ def _tp_split_dim(name: str, shard_shape, info: dict, tp: int) -> int | None:
 
 
 def _join_tp(parts: list[dict], info: dict, tp: int, where: Path) -> dict:
+    # keeps torch and DeepSpeed out of the labs process
     import torch
     out = {}
     for name, first in parts[0].items():
@@ -255,6 +259,7 @@ def _read_tensor_parallel(tag_dir: Path, manifest: Manifest):
 def read_source(tag_dir: Path, manifest: Manifest, rename: dict[str, str] | None = None) -> tuple[dict, dict, dict]:
     """(weights, moments {"exp_avg": {...}, "exp_avg_sq": {...}}, engine state) of a checkpoint, under
     the HF model's parameter names. A pipeline checkpoint needs the (task's) model to name its layers."""
+    # keeps torch and DeepSpeed out of the labs process
     import torch
     stage = manifest.zero_stage
     if manifest.tp > 1 and manifest.pp > 1:
@@ -280,6 +285,7 @@ def read_source(tag_dir: Path, manifest: Manifest, rename: dict[str, str] | None
         if stage == 0:
             weights = {k: v.float().clone() for k, v in sd["module"].items()}
         else:
+            # keeps torch and DeepSpeed out of the labs process
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
             try:
                 weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
@@ -301,6 +307,7 @@ def read_source(tag_dir: Path, manifest: Manifest, rename: dict[str, str] | None
 
 def consolidate(tag_dir: Path, manifest: Manifest, rename: dict[str, str] | None = None) -> Path:
     """Write `tag_dir/consolidated/` (see the module's docstring); returns it."""
+    # keeps torch and DeepSpeed out of the labs process
     import torch
     t0 = time.perf_counter()
     weights, moments, engine = read_source(tag_dir, manifest, rename)

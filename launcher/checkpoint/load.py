@@ -12,6 +12,7 @@ from launcher.common.errors import LabsError
 
 
 def _torch_optimizer(opt):
+    # keeps torch and DeepSpeed out of the labs process
     import torch
     while opt is not None and not isinstance(opt, torch.optim.Optimizer):
         opt = getattr(opt, "optimizer", None)
@@ -21,6 +22,7 @@ def _torch_optimizer(opt):
 def _prime_optimizer_state(engine, adam_step: int) -> None:
     """Torch's Adam creates its state at its first step; create it now (zeros, this step count) so
     that the moments can be written into it, and let DeepSpeed link its per-parameter views."""
+    # keeps torch and DeepSpeed out of the labs process
     import torch
     opt = _torch_optimizer(engine.optimizer)
     plain_torch = type(opt).__module__.startswith("torch.optim")
@@ -46,8 +48,13 @@ def _prime_optimizer_state(engine, adam_step: int) -> None:
 def load_into(strategy, folder: Path) -> dict[str, Any]:
     """Set a freshly built data-parallel engine (ZeRO 0-3, offload or not) to the consolidated
     state; returns the run's client state. Collective (every rank of the run calls it)."""
+    # keeps torch and DeepSpeed out of the labs process
     import deepspeed
+
+    # keeps torch and DeepSpeed out of the labs process
     import torch
+
+    # keeps torch and DeepSpeed out of the labs process
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     engine = strategy.engine

@@ -74,12 +74,6 @@ def changes(was: dict[str, Any], will: dict[str, Any]) -> list[str]:
     return [k for k in was if k in will and was[k] != will[k]]
 
 
-def precision(cfg: dict[str, Any]) -> str:
-    for key in ("bf16", "bfloat16", "fp16"):
-        sec = cfg.get(key)
-        if isinstance(sec, dict) and sec.get("enabled") is True:
-            return "bf16" if key != "fp16" else "fp16"
-    return "fp32"
 
 
 def sha(obj: Any) -> str:

@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.estimate.flops import GPU_PEAK_BF16
-
 
 def baseline_file() -> Path:
     return Path(os.environ.get("LABS_CACHE_DIR") or Path.home() / ".cache" / "llm-labs") / "memory_baseline.json"
@@ -64,6 +62,7 @@ def cpu_model() -> str:
 
 def device_name(device: str = "cpu") -> str:
     if device.startswith("cuda"):
+        # keeps torch and DeepSpeed out of the labs process
         import torch
         return "cuda: " + torch.cuda.get_device_name(torch.device(device))
     return "cpu: " + cpu_model()
@@ -99,3 +98,14 @@ def _write_cache(key: str, entry: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s per device.
+# Matched on the CUDA device name, most specific first.
+GPU_PEAK_BF16: list[tuple[tuple[str, ...], float]] = [
+    (("H100", "NVL"), 835e12), (("H100", "PCIE"), 756e12), (("H100",), 989e12), (("H200",), 989e12),
+    (("GH200",), 989e12), (("H800",), 989e12), (("H20",), 148e12), (("B200",), 2250e12),
+    (("A100",), 312e12), (("A800",), 312e12), (("A30",), 165e12), (("A10",), 125e12),
+    (("L40S",), 362e12), (("L40",), 181e12), (("L4",), 121e12), (("V100",), 125e12),  # V100: fp16
+    (("MI300X",), 1307e12), (("MI325X",), 1307e12), (("MI250X",), 383e12),
+]

@@ -6,6 +6,7 @@ that lets one plain `python` process run like a launched rank.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import sys
@@ -21,7 +22,7 @@ def accelerator() -> str:
 def device():
     """The device a rank's inputs and its own collectives' tensors live on: DeepSpeed's accelerator's
     (cuda:LOCAL_RANK under nccl, which refuses CPU tensors; cpu under gloo)."""
-    import torch
+    import torch  # keeps torch and DeepSpeed out of the labs process
     from deepspeed.accelerator import get_accelerator
     return torch.device(get_accelerator().current_device_name())
 
@@ -110,7 +111,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A port free now, from 20000-32767: below Linux's ephemeral range (32768-60999), where every
     outgoing connection of the machine takes its ports, so it is far less likely to be taken between
     this check and the rendezvous binding it (`labs launch` retries if it is all the same)."""
-    import random
     for _ in range(200):
         port = random.randint(20000, 32767)
         if port_free(port, host):
@@ -134,6 +134,7 @@ def single_process_env() -> None:
     if "RANK" not in os.environ and ("OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ):
         # started by mpirun (`--launcher openmpi`): DeepSpeed's MPI discovery (mpi4py) sets RANK,
         # WORLD_SIZE, LOCAL_RANK and MASTER_ADDR (rank 0's `hostname -I`); the plan's port and address win
+        # keeps torch and DeepSpeed out of the labs process
         from deepspeed.comm.comm import mpi_discovery
         mpi_discovery(distributed_port=int(os.environ.get("LABS_MASTER_PORT", "29500")), verbose=False)
         if os.environ.get("LABS_MASTER_ADDR"):
@@ -164,3 +165,18 @@ def rank_environment(ranks_per_host: int, threads: int | None = None) -> dict[st
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+
+
+def release_shm_buffers() -> None:
+    """Unlink this rank's /dev/shm file of DeepSpeed's CPU shared-memory all-reduce. Collective.
+
+    deepspeed_shm_comm (loaded by `deepspeed.init_distributed` on CPU when all ranks share a host)
+    creates one ~66 MiB file per rank, `deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`,
+    and never unlinks it: every run left them behind, in RAM (tmpfs). Once every rank has mapped
+    its peers' files (they have when all passed the barrier), each unlinks its own; the memory
+    stays mapped until the ranks exit, and is then freed."""
+    import torch.distributed as dist  # keeps torch and DeepSpeed out of the labs process
+    if not dist.is_initialized():
+        return
+    dist.barrier()  # (a 1-rank run on CPU creates its file too)
+    remove_shm(os.environ.get("MASTER_PORT", "-"), dist.get_rank())

@@ -4,6 +4,8 @@ what is printed, durations and sizes parsed and shown.
 
 from __future__ import annotations
 
+import re
+
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "PWD", "PASS", "CREDENTIAL",
                 "AUTH", "AUTHORIZATION", "PRIVATE", "COOKIE", "SESSION", "SIGNATURE", "CERT", "PIN", "SALT")
 
@@ -28,7 +30,6 @@ def mask(key: str, value: str) -> str:
 def parse_duration(text: str | int | float | None) -> float | None:
     """'3h50m', '90m', '45s', '1h', '2d', or seconds as a number -> seconds; None/''/0 -> None.
     Raises ValueError with the accepted forms."""
-    import re
     if text is None or text == "" or text == 0:
         return None
     if isinstance(text, (int, float)) and not isinstance(text, bool):
@@ -57,7 +58,6 @@ def fmt_bytes(n: float) -> str:
 
 def parse_size(text: str) -> int:
     """'8GiB', '512MiB', '8GB', '8g', '1.5T', or bytes."""
-    import re
     m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
     if not m:
         raise ValueError(f"{text!r} is not a size (e.g. 8GiB, 512MiB, 16GB)")

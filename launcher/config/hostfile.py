@@ -11,6 +11,7 @@ characters no host name has, a byte-order mark, text that is not UTF-8.
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,6 @@ LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 def is_local(host: str) -> bool:
     """True for names of this machine (localhost, its hostname); a name may still resolve here
     through /etc/hosts, which is not looked at: such a hostfile needs `--backend ssh` or `local`."""
-    import socket
     return host in LOCAL_NAMES or host in (socket.gethostname(), socket.getfqdn())
 
 

@@ -32,15 +32,6 @@ from launcher.estimate.shape import cfg_get, cfg_ints
 log = logging.getLogger("labs")
 
 
-# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s per device.
-# Matched on the CUDA device name, most specific first.
-GPU_PEAK_BF16: list[tuple[tuple[str, ...], float]] = [
-    (("H100", "NVL"), 835e12), (("H100", "PCIE"), 756e12), (("H100",), 989e12), (("H200",), 989e12),
-    (("GH200",), 989e12), (("H800",), 989e12), (("H20",), 148e12), (("B200",), 2250e12),
-    (("A100",), 312e12), (("A800",), 312e12), (("A30",), 165e12), (("A10",), 125e12),
-    (("L40S",), 362e12), (("L40",), 181e12), (("L4",), 121e12), (("V100",), 125e12),  # V100: fp16
-    (("MI300X",), 1307e12), (("MI325X",), 1307e12), (("MI250X",), 383e12),
-]
 
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -96,12 +87,4 @@ def token_flops(n: int, layers: int, width: int, seq_len: int, adapters: int = 0
     return TokenFlops(total, n, adapters, attention, seq_len, formula)
 
 
-def preset_flops(name: str, seq_len: int) -> TokenFlops:
-    """FLOPs per token of a tasks/presets.py model, by arithmetic only."""
-    from tasks.presets import PRESETS, VOCAB
-    cfg = PRESETS[name]
-    shape = matmul_shape(cfg, VOCAB[cfg["tokenizer"]])
-    if shape is None:
-        raise KeyError(name)
-    return token_flops(*shape, seq_len)
 

@@ -22,10 +22,11 @@ The worker writes both, and their ratio, into metrics.jsonl (kind "memory") and 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from launcher.common.files import MiB
+from launcher.config.ds.load import offload, precision, wants_activation_checkpointing, zero_stage
 from launcher.estimate.shape import Shape
 
 
@@ -84,8 +85,6 @@ class Setup:
     @classmethod
     def of(cls, cfg: dict[str, Any], layout, seq: int, trainable: int | None = None,
            device: str | None = None) -> Setup:
-        from launcher.checkpoint.store import precision
-        from launcher.config.ds.load import offload, wants_activation_checkpointing, zero_stage
         zero = cfg.get("zero_optimization") or {}
         off_opt, off_param = offload(cfg)
 
@@ -307,7 +306,6 @@ class Prediction:
 
 
 def _with(setup: Setup, **kw) -> Setup:
-    from dataclasses import replace
     return replace(setup, **kw)
 
 

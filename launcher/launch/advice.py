@@ -6,8 +6,12 @@ what would fit, fastest first.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 
-from launcher.common.cache import cached_baseline, store_baseline
+from launcher.common.cache import cached_baseline, read_cache, store_baseline
+from launcher.common.errors import LabsError
 from launcher.common.files import MiB
 from launcher.common.run_dir import REPO
 from launcher.common.text import fmt_bytes, parse_size
@@ -25,8 +29,6 @@ def framework_baseline(measure: bool = True) -> tuple[int | None, str]:
         return c["bytes"], f"{c['source']}, {c['when'][:10]}, cached"
     if not measure:
         return None, "not measured yet"
-    import subprocess
-    import sys
     code = "from launcher.memory import import_framework, rss_now; import_framework(); print(rss_now())"
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -44,7 +46,6 @@ def machine_speed(precision: str = "fp32", threads: int = 1) -> tuple[float, flo
     there is one, else 100 GFLOP/s; gloo's measured ~1.2 GB/s on CPU, 100 GB/s for GPUs."""
     flops = 100e9
     try:
-        from launcher.common.cache import read_cache
         best = [v["flops"] for k, v in read_cache().items() if f"| {precision} |" in k]
         if best:
             flops = min(best)
@@ -78,8 +79,6 @@ def free_memory_per_rank(ranks_here: int) -> tuple[int, str]:
     """This machine's available memory (MemAvailable; a GPU's total memory with DS_ACCELERATOR set to one)
     divided among the ranks the hostfile starts here."""
     if os.environ.get("DS_ACCELERATOR", "cpu") not in ("cpu", ""):
-        import shutil
-        import subprocess
         if shutil.which("nvidia-smi"):  # the GPU's memory (each rank has one); no torch import in the plan
             try:
                 out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
@@ -147,7 +146,6 @@ def plan_lines(plan, budget_text: str | None = None, verbose: bool = False) -> l
         try:
             budget, where = parse_size(budget_text), f"--memory {budget_text}"
         except ValueError as e:
-            from launcher.common.errors import LabsError
             raise LabsError(f"--memory: {e}") from None
     else:
         budget, where = free_memory_per_rank(ranks_here)

@@ -14,14 +14,16 @@ from typing import Any
 
 import yaml
 
-from launcher.checkpoint.store import newest, remove_incomplete
+from launcher.checkpoint.store import incomplete, latest_note, layout_key, newest, remove_incomplete, resume_under
 from launcher.common.errors import LabsError
 from launcher.common.layout import Layout
 from launcher.common.proc import free_port
 from launcher.common.run_dir import STOP_FILE
-from launcher.config.ds.load import offload, zero_stage
+from launcher.config.ds.load import offload, precision, zero_stage
 from launcher.config.job import Job, job_to_dict, load_job
 from launcher.estimate.shape import lora_params
+from launcher.launch.backends import build_command
+from launcher.launch.env import check_env, deepspeed_env_files, env_file_text, runner_env
 from launcher.launch.plan import Plan
 from launcher.resolve import _check_model, _check_model_layout, resolve
 from tasks.options import LORA_DEFAULT
@@ -32,8 +34,6 @@ def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: s
               sets: list[str] | tuple[str, ...] = (), dry_run: bool = False, resume: str | None = None,
               backend: str | None = None, master_port: int | None = None,
               run_dir: str | None = None) -> Plan:
-    from launcher.launch.backends import build_command
-    from launcher.launch.env import check_env, runner_env
 
     notes: list[str] = []
     config_dir = None
@@ -45,13 +45,6 @@ def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: s
         ds_config = ds_config or str(rd / "ds_config.json")
 
         def on_layout(cfg: dict, layout: Layout) -> None:
-            from launcher.checkpoint.store import (
-                incomplete,
-                latest_note,
-                layout_key,
-                precision,
-                resume_under,
-            )
             now = layout_key(layout.dp, layout.tp, layout.pp, zero_stage(cfg),
                                          precision(cfg), any(offload(cfg)), layout.sp)
             # another layout: converted once at launch, keeping the run's global batch (cfg's triad)
@@ -93,7 +86,6 @@ def make_plan(job_path: str | None, *, ds_config: str | None = None, hostfile: s
                      f"were measured here 2.4-3x slower than the same ranks bound to their own cores "
                      f"(DEEPSPEED-CPU.md): fine to see the mechanics, not to measure speed")
     plan.env = runner_env(plan)
-    from launcher.launch.env import deepspeed_env_files
     for f, values in deepspeed_env_files():
         notes.append(f"environment: {', '.join(values) or 'nothing'} from {f} (DeepSpeed's .deepspeed_env)")
     check_env(plan.env)
@@ -125,8 +117,6 @@ def write_run_files(plan: Plan) -> None:
     """Create the run folder (a new one atomically: a launch in the same second gets `-1`, `-2`, ...)
     and write the resolved job, DeepSpeed config and runner env file into `plan.config_dir`. A resume
     writes them under `RUN/resumes/<time>/` and never rewrites the run's own files."""
-    from launcher.launch.backends import build_command
-    from launcher.launch.env import env_file_text
     if plan.resume:
         remove_incomplete(plan.run_dir / "checkpoints")
         (plan.run_dir / STOP_FILE).unlink(missing_ok=True)

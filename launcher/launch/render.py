@@ -10,7 +10,9 @@ import yaml
 
 from launcher.common.run_dir import REPO
 from launcher.common.text import fmt_bytes, mask
+from launcher.config.ds.load import precision
 from launcher.config.job import job_to_dict
+from launcher.launch.advice import plan_lines
 from launcher.launch.env import PASS_PREFIXES, PASS_THROUGH
 from launcher.launch.make_plan import _changed
 from launcher.launch.plan import Plan
@@ -37,7 +39,6 @@ def render_short(plan: Plan) -> str:
         lines.append(f"  backend slurm: the job script is written to {plan.run_dir}/slurm_job.sh")
     lines += [f"  layout: {lay.describe()}; train_batch_size {cfg['train_batch_size']} = micro batch "
               f"{cfg['train_micro_batch_size_per_gpu']} x grad accum {cfg['gradient_accumulation_steps']} x dp {lay.dp}"]
-    from launcher.launch.advice import plan_lines
     if predicted := plan_lines(plan, plan.memory_budget):
         lines += predicted
     elif mem:
@@ -53,7 +54,6 @@ def render_short(plan: Plan) -> str:
 
 
 def checkpoints_precision(cfg: dict[str, Any]) -> str:
-    from launcher.checkpoint.store import precision
     return precision(cfg)
 
 
@@ -89,7 +89,6 @@ def render(plan: Plan, verbose: bool = True) -> str:
             lines.append(f"  ZeRO-{stage}: {fmt_bytes(b):>10}{mark}")
     else:
         lines.append(f"== model-state memory: unknown until {job.model.name!r} is loaded")
-    from launcher.launch.advice import plan_lines
     if predicted := plan_lines(plan, plan.memory_budget, verbose=True):
         lines += ["", "== peak memory per rank (predicted: launcher/memory.py)", *predicted]
     if plan.notes:

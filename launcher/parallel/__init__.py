@@ -4,15 +4,14 @@
 build the strategy). `choose(layout)` takes the first row whose `when` holds for the layout, in this fixed
 order: pipeline x tensor, sequence, pipeline, tensor, data parallel. Each row names the one file that
 implements the strategy (picotron-style: the maths in its docstring), the model types it can cut, the
-highest ZeRO stage DeepSpeed runs it with, and whether `train.compile` applies. `build_strategy` imports
-that file (torch and DeepSpeed) only inside a rank.
+highest ZeRO stage DeepSpeed runs it with, and whether `train.compile` applies. launcher/parallel/build.py
+builds the chosen one inside a rank.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from launcher.common.layout import Layout
 
@@ -55,22 +54,3 @@ STRATEGIES: tuple[Strategy, ...] = (
 def choose(layout: Layout) -> Strategy:
     return next(s for s in STRATEGIES if s.when(layout))
 
-
-def build_strategy(model: Any, config: dict[str, Any], layout: Layout):
-    """The chosen strategy wrapping `model` (inside a rank: this imports torch and DeepSpeed)."""
-    # function-level imports: they keep torch and DeepSpeed out of the `labs` process, which reads the table
-    pass
-    from launcher.parallel import (
-        data_parallel,
-        pipe_tensor_parallel,
-        pipeline_parallel,
-        sequence_parallel,
-        tensor_parallel,
-    )
-    from launcher.parallel.base import release_shm_buffers
-    files = {"data_parallel": data_parallel, "pipe_tensor_parallel": pipe_tensor_parallel,
-             "pipeline_parallel": pipeline_parallel, "sequence_parallel": sequence_parallel,
-             "tensor_parallel": tensor_parallel}
-    strategy = choose(layout)
-    release_shm_buffers()
-    return getattr(files[strategy.module], strategy.cls)(model, config, layout)

@@ -5,14 +5,18 @@ clean-up every strategy needs.
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from launcher.checkpoint.convert import ensure
+from launcher.checkpoint.load import load_into
 from launcher.checkpoint.store import (
+    FOLDER,
     NOT_CONVERTIBLE,
     Manifest,
     changes,
@@ -22,7 +26,8 @@ from launcher.checkpoint.store import (
     write_latest,
     write_manifest,
 )
-from launcher.common.proc import remove_shm
+from launcher.common.errors import LabsError
+from launcher.parallel.layers.pipeline import pipeline_names
 
 
 def dp_mean(value: torch.Tensor, group=None, size: int | None = None) -> float:
@@ -64,7 +69,6 @@ class EngineAccess:
         manifest), points `latest` at it (atomically) and prunes to the newest `keep`. Collective.
         The manifest also records offload and the global batch; the checkpoint, the names of the
         optimizer's parameters in order (what a ZeRO-0 checkpoint does not say, for launcher/py)."""
-        import dataclasses
         e = self.engine
         key = self.layout_key()
         manifest = dataclasses.replace(manifest, offload=key["offload"], global_batch=int(
@@ -95,13 +99,7 @@ class EngineAccess:
 
     def _load_converted(self, tag_dir: Path, saved: Manifest, now: dict[str, Any],
                         diffs: list[str]) -> dict[str, Any]:
-        import logging
 
-        from launcher.checkpoint.convert import ensure
-        from launcher.checkpoint.load import load_into
-        from launcher.checkpoint.store import FOLDER
-        from launcher.common.errors import LabsError
-        from launcher.parallel.layers.pipeline import pipeline_names
         log = logging.getLogger("labs")
         was = saved.layout_key()
         if any(k in NOT_CONVERTIBLE for k in diffs) or (self.layout.tp > 1 and self.layout.pp > 1):
@@ -130,21 +128,5 @@ class EngineAccess:
 
 
 
-def split_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
-    """Shapes of the first block's matrices and the head as this rank holds them (AutoTP splits them)."""
-    return {n: list(p.shape) for n, p in module.named_parameters()
-            if p.dim() == 2 and (".0." in n or "lm_head" in n)}
 
 
-def release_shm_buffers() -> None:
-    """Unlink this rank's /dev/shm file of DeepSpeed's CPU shared-memory all-reduce. Collective.
-
-    deepspeed_shm_comm (loaded by `deepspeed.init_distributed` on CPU when all ranks share a host)
-    creates one ~66 MiB file per rank, `deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`,
-    and never unlinks it: every run left them behind, in RAM (tmpfs). Once every rank has mapped
-    its peers' files (they have when all passed the barrier), each unlinks its own; the memory
-    stays mapped until the ranks exit, and is then freed."""
-    if not dist.is_initialized():
-        return
-    dist.barrier()  # (a 1-rank run on CPU creates its file too)
-    remove_shm(os.environ.get("MASTER_PORT", "-"), dist.get_rank())

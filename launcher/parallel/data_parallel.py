@@ -11,8 +11,11 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+from launcher.checkpoint.convert import check_whole
 from launcher.common.layout import Layout
+from launcher.config.ds.load import wants_activation_checkpointing
 from launcher.parallel.base import EngineAccess, dp_mean
 from launcher.parallel.meter import StateMeter
 
@@ -24,7 +27,6 @@ class DataParallel(EngineAccess):
     name = "data_parallel"
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], layout: Layout):
-        from launcher.config.ds.load import wants_activation_checkpointing
         if wants_activation_checkpointing(config) and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in model.parameters() if p.requires_grad]
@@ -54,11 +56,7 @@ class DataParallel(EngineAccess):
         parameters, so they come from the checkpoint through DeepSpeed's zero_to_fp32."""
         if dist.get_rank() != 0:
             return None
-        from launcher.checkpoint.convert import (
-            check_whole,  # never an empty (ZeRO-3 placeholder) tensor, e.g. a LoRA adapter
-        )
         if self.stage == 3:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
             return check_whole(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name),
                                str(ckpt_dir))
         return check_whole({k: v.detach().clone() for k, v in self.module.state_dict().items()}, str(ckpt_dir))

@@ -30,8 +30,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from launcher.common.layout import Layout
+from launcher.parallel.layers.pipeline import LlamaBlock, model_type
+from launcher.parallel.layers.tensor import split_llama_layer
 from launcher.parallel.pipeline_parallel import PipelineParallel
 
 
@@ -45,12 +48,9 @@ class PipeTensorParallel(PipelineParallel):
         super().__init__(model, ds_cfg, layout)
 
     def placement(self, layout: Layout) -> dict[str, Any]:
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
         return {"topology": PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)}
 
     def prepare(self, pipe) -> None:
-        from launcher.parallel.layers.pipeline import LlamaBlock, model_type
-        from launcher.parallel.layers.tensor import split_llama_layer
         if model_type(self.hf_model) not in ("llama", "mistral"):
             raise NotImplementedError("pipeline x tensor parallel slices Llama-family blocks only (refused by labs plan)")
         grid = pipe._grid
@@ -91,7 +91,6 @@ class PipeTensorParallel(PipelineParallel):
     def shard_info(self) -> dict[str, Any]:
         info = super().shard_info()
         info["tp_rank"] = self.tp_rank
-        from launcher.parallel.layers.pipeline import LlamaBlock
         first = next(f for f in self.module.forward_funcs if isinstance(f, LlamaBlock))
         info["split_shapes"] = {n.replace("inner.", "").removesuffix(".weight"): list(p.shape)
                                 for n, p in first.layer.named_parameters() if p.dim() == 2}

@@ -12,10 +12,13 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.pipe import PipelineModule
 
 from launcher.common.layout import Layout
 from launcher.common.proc import device
+from launcher.config.ds.load import wants_activation_checkpointing
 from launcher.parallel.base import EngineAccess
+from launcher.parallel.layers.pipeline import causal_lm_loss, pipeline_layers
 from launcher.parallel.meter import StateMeter
 
 
@@ -55,10 +58,7 @@ class PipelineParallel(EngineAccess):
     name = "pipeline_parallel"
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], layout: Layout):
-        from deepspeed.pipe import PipelineModule
 
-        from launcher.config.ds.load import wants_activation_checkpointing
-        from launcher.parallel.layers.pipeline import causal_lm_loss, pipeline_layers
 
         self.layout = layout
         self.hf_model = model

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from deepspeed.sequence.layer import DistributedAttention
+from transformers import AttentionInterface
 
 from launcher.common.errors import LabsError
 from launcher.common.layout import Layout
@@ -71,7 +73,6 @@ def ulysses_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
 
 
 def register_attention() -> None:
-    from transformers import AttentionInterface
     AttentionInterface.register(ATTN_NAME, ulysses_attention)
 
 
@@ -81,7 +82,6 @@ class SequenceParallel(DataParallel):
     name = "sequence_parallel"
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], layout: Layout):
-        from deepspeed.sequence.layer import DistributedAttention
         kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         if kind not in ("llama", "mistral"):
             raise LabsError(f"sequence_parallel_size = {layout.sp}: Ulysses attention is wired for Llama-family "

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 from launcher.common.layout import Layout
-from launcher.parallel.base import split_shapes
 from launcher.parallel.data_parallel import DataParallel
+from tasks.api import split_shapes
 
 
 class TensorParallel(DataParallel):

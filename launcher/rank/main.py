@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None, default_task: str | None) -> argparse.Nam
 
 
 def main(argv: list[str] | None = None, default_task: str | None = None) -> None:
+    # keeps torch and DeepSpeed out of the labs process
     from launcher.rank.train import run  # imports torch and DeepSpeed: after the arguments are read
     args = parse_args(argv, default_task)
     status = RankStatus(args.run_dir)

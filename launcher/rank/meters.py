@@ -4,6 +4,12 @@
 
 from __future__ import annotations
 
+import importlib
+import resource
+
+import torch
+import torch.distributed as dist
+
 from launcher.common.cache import store_baseline
 from launcher.common.text import fmt_bytes
 from launcher.resolve import predict_run
@@ -31,7 +37,6 @@ def rss_now() -> int:
     s = _proc_status()
     if "VmRSS" in s:
         return s["VmRSS"]
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -39,7 +44,6 @@ def rss_peak() -> int:
     s = _proc_status()
     if "VmHWM" in s:
         return s["VmHWM"]
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -48,14 +52,13 @@ BASELINE_IMPORTS = ("torch", "deepspeed", "transformers", "datasets")
 
 
 def import_framework() -> None:
-    import importlib
     for name in BASELINE_IMPORTS:
         try:
             importlib.import_module(name)
         except ImportError:
             pass
     try:  # the model classes (transformers loads them lazily; a rank always does)
-        from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
+        pass
     except ImportError:
         pass
 
@@ -82,7 +85,6 @@ class PeakMeter:
         if self.device == "cpu":
             s = _proc_status()
             return {"rss": s.get("VmRSS", rss_now()), "hwm": s.get("VmHWM", rss_peak()), "shmem": s.get("RssShmem", 0)}
-        import torch
         return {"rss": torch.cuda.memory_allocated(), "hwm": torch.cuda.max_memory_allocated(), "shmem": 0}
 
     def mark(self, name: str) -> None:
@@ -109,7 +111,6 @@ class PeakMeter:
 def write_memory_record(mem: PeakMeter, job, cfg: dict, layout, metrics, step: int) -> dict:
     """Every rank's measured peak beside the prediction for it and their ratio; rank 0 writes it to
     metrics.jsonl (kind "memory") and keeps it for the summary. Collective (all_gather_object)."""
-    import torch.distributed as dist
     try:
         pred = predict_run(job, cfg, layout)
     except Exception as e:  # a model the predictor does not know: measured only, and why

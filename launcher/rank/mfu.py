@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from launcher.common.text import fmt_flops
+from launcher.config.ds.load import precision
 from launcher.estimate.flops import TokenFlops, matmul_shape, token_flops
 from launcher.estimate.shape import cfg_get
 from launcher.rank.peak import Peak, peak
@@ -20,6 +21,7 @@ def _numel(p) -> int:
 
 def _module_matmul_params(model) -> int:
     """Fallback for unknown architectures: the weights of every Linear (and GPT-2 Conv1D) module."""
+    # keeps torch and DeepSpeed out of the labs process
     import torch
     total = 0
     for name, mod in model.named_modules():
@@ -72,9 +74,9 @@ def for_run(model, micro: list[dict[str, Any]], cfg: dict[str, Any], layout) -> 
         meter = None
         if int(os.environ.get("RANK", "0")) == 0:
             try:
+                # keeps torch and DeepSpeed out of the labs process
                 import torch
 
-                from launcher.checkpoint.store import precision
                 device = "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "cpu"
                 flops = model_flops(model, int(micro[0]["input_ids"].shape[-1]))
                 meter = Meter(flops, peak(precision(cfg), device=device), layout.world)

@@ -15,6 +15,7 @@ from launcher.estimate.flops import DTYPES
 
 
 def _torch_dtype(dtype: str):
+    # keeps torch and DeepSpeed out of the labs process
     import torch
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
@@ -22,6 +23,7 @@ def _torch_dtype(dtype: str):
 def measure_matmul(dtype: str, threads: int, device: str = "cpu", sizes: tuple[int, ...] | None = None,
                    repeats: int = 3, budget_s: float = 3.0) -> dict[str, Any]:
     """Best FLOP/s of square matmuls (several sizes: on CPUs the fastest kernel differs by size)."""
+    # keeps torch and DeepSpeed out of the labs process
     import torch
     sizes = sizes or ((4096, 8192) if device.startswith("cuda") else (1024, 2048, 3072))
     old = torch.get_num_threads()
@@ -68,6 +70,7 @@ def peak(dtype: str = "fp32", threads: int | None = None, device: str = "cpu", r
     """The peak FLOP/s of one rank: datasheet for known GPUs, else measured once and cached. `refresh`
     measures again and keeps the higher of the new and the cached figure (a peak is what the machine
     can do; a moment when other processes share the cores measures less); with `replace`, the new one."""
+    # keeps torch and DeepSpeed out of the labs process
     import torch
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")

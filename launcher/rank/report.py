@@ -8,11 +8,15 @@ import json
 import logging
 import math
 import os
+import resource
 import sys
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from launcher.common.proc import device, to_device
+from launcher.rank.mfu import summary_rows
 
 log = logging.getLogger("labs")
 
@@ -43,6 +47,7 @@ def comms_summary(cfg: dict[str, Any], run_dir: Path, rank: int) -> None:
     sec = cfg.get("comms_logger")
     if not (isinstance(sec, dict) and sec.get("enabled")):
         return
+    # keeps torch and DeepSpeed out of the labs process
     import deepspeed.comm as ds_comm
     summary = ds_comm.log_summary(return_dict=True) or {}
     if rank == 0:
@@ -70,8 +75,8 @@ def stop_early(strategy, save, step: int, last_save: int, reason: str, run_dir: 
 
 def rank_info(strategy, rank: int, world: int, local_samples: int, mem=None) -> list[dict[str, Any]]:
     """Per rank: peak RSS and what the strategy says this rank holds (collective; rank 0 keeps it)."""
-    import resource
 
+    # keeps torch and DeepSpeed out of the labs process
     import torch.distributed as dist
     info = {"rank": rank, "host": os.uname().nodename, "samples": local_samples, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             **(strategy.shard_info() if hasattr(strategy, "shard_info") else {}), **(mem.report() if mem else {})}
@@ -84,7 +89,10 @@ def eval_sums(task, strategy, parts, layout, dp_rank: int, mb: int) -> dict[str,
     """Metric sums over the whole eval split, identical for any world size: each data-parallel
     rank takes every dp-th sample; ranks short of batches repeat one with weight 0 so that every
     rank runs the same number of forwards (ZeRO-3 and pipelines need that)."""
+    # keeps torch and DeepSpeed out of the labs process
     import torch
+
+    # keeps torch and DeepSpeed out of the labs process
     import torch.distributed as dist
 
     n = len(parts.eval_data)
@@ -92,7 +100,6 @@ def eval_sums(task, strategy, parts, layout, dp_rank: int, mb: int) -> dict[str,
     mine = list(range(dp_rank, n, layout.dp))
     n_batches = math.ceil(math.ceil(n / layout.dp) / mb)
     sums: dict[str, float] = {}
-    from tqdm import tqdm
     show = (not dist.is_initialized() or dist.get_rank() == 0) and n_batches > 1
     for i in tqdm(range(n_batches), desc="eval", unit="batch", disable=not show, leave=False, file=sys.stdout,
                   mininterval=1.0, dynamic_ncols=True):
@@ -114,8 +121,8 @@ def print_summary(s: dict[str, Any]) -> None:
             ("final train loss", f"{s['final_train_loss']:.4f}")]
     rows += [(k.replace("_", " "), f"{v:.4f}") for k, v in s.items()
              if k in ("eval_loss", "perplexity", "accuracy")]
+    # keeps torch and DeepSpeed out of the labs process
     from launcher.rank.meters import summary_row
-    from launcher.rank.mfu import summary_rows
     rows += [("tokens/s", f"{s['tokens_per_s']:.0f}"), *summary_rows(s), *summary_row(s.get("memory")),
              ("train time", f"{s['train_time_s']:.1f} s"),
              ("model saved to", s["model_dir"] or "not exported (train.export: false)"), ("checkpoints", s["checkpoint_dir"] or "none kept (train.checkpoint: false, as in dry runs)")]

@@ -13,11 +13,18 @@ import random
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from launcher.common.layout import Layout
 from launcher.common.proc import device
 from launcher.common.run_dir import DS_CONFIG, JOB, LOGS, STOP_FILE, rank_log
+from launcher.config.ds.load import resolve_batch
+from launcher.config.job import load_job
+from launcher.resolve import resolve
 
 log = logging.getLogger("labs")
 
@@ -43,8 +50,6 @@ def quiet_console(log_file: Path, rank: int) -> None:
     if rank != 0:
         os.dup2(fd, 1)
     os.close(fd)
-    import logging
-    import warnings
     logging.captureWarnings(True)  # to stderr, which is the log file now
     warnings.simplefilter("default")
 
@@ -64,8 +69,8 @@ def quiet_deepspeed(log_file: Path) -> None:
     on the console; the rest goes to the rank's log."""
     if verbose():
         return
-    import logging
 
+    # keeps torch and DeepSpeed out of the labs process
     from deepspeed.utils import logger as ds_logger
     for h in ds_logger.handlers:
         h.setLevel(logging.ERROR)
@@ -116,7 +121,10 @@ class StopRequest:
 
     def agreed(self) -> str | None:
         """Collective over the default process group: the reason if any rank stops, else None."""
+        # keeps torch and DeepSpeed out of the labs process
         import torch
+
+        # keeps torch and DeepSpeed out of the labs process
         import torch.distributed as dist
         mine = self.local()
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -136,10 +144,8 @@ def say_err(msg: str) -> None:
 
 def resolve_in_rank(args: argparse.Namespace, world: int):
     """(job, ds_config, layout) for this rank; the same checks as `labs plan`."""
-    from launcher.common.layout import Layout
-    from launcher.config.ds.load import resolve_batch
-    from launcher.config.job import load_job
-    from launcher.resolve import resolve
+
+
 
     conf = Path(args.config_dir or args.run_dir) if (args.config_dir or args.run_dir) else None
     if conf and (conf / JOB).is_file() and not args.job:
@@ -165,13 +171,15 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
     if rank != 0:
+        # keeps torch and DeepSpeed out of the labs process
         from deepspeed.utils import logger as ds_logger
         ds_logger.setLevel(logging.WARNING)
     quiet_deepspeed(rank_log(run_dir, rank))
 
 
 def seed_everything(seed: int) -> None:
-    import numpy as np
+
+    # keeps torch and DeepSpeed out of the labs process
     import torch
     random.seed(seed)
     np.random.seed(seed)

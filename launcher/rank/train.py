@@ -9,9 +9,11 @@ says, and `finish` exports the model, writes the summary and says what the run f
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,8 +23,10 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+import yaml
+from tqdm import tqdm
 
-from launcher.checkpoint.store import Manifest, latest_note, newest, precision, sha
+from launcher.checkpoint.store import Manifest, latest_note, newest, sha
 from launcher.common.errors import LabsError
 from launcher.common.proc import (
     COMM_OP_SECONDS,
@@ -35,10 +39,11 @@ from launcher.common.proc import (
 )
 from launcher.common.run_dir import CHECKPOINTS, DS_CONFIG, HF, JOB, METRICS, PROBE, SUMMARY, rank_log
 from launcher.common.text import parse_duration
+from launcher.config.ds.load import precision
 from launcher.config.ds.optim import ops_needed
 from launcher.config.job import job_to_dict
 from launcher.config.schema import build_section
-from launcher.parallel import build_strategy
+from launcher.parallel.build import build_strategy
 from launcher.rank import mfu
 from launcher.rank.meters import PeakMeter, write_memory_record
 from launcher.rank.report import Metrics, comms_summary, eval_sums, print_summary, rank_info, stop_early
@@ -118,7 +123,6 @@ def start(args: argparse.Namespace, job, cfg: dict[str, Any], layout, rank: int)
     if args.run_dir:
         run_dir = Path(args.run_dir)
     else:
-        import datetime as dt
         box = [str(Path(job.train.output_dir) / job.name / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))]
         dist.broadcast_object_list(box, src=0)
         run_dir = Path(box[0])
@@ -126,7 +130,6 @@ def start(args: argparse.Namespace, job, cfg: dict[str, Any], layout, rank: int)
     r = Run(args, job, cfg, layout, rank, run_dir, mem=mem)
     r.stop = StopRequest(run_dir, parse_duration(job.train.max_time))  # from now on a signal saves
     if rank == 0 and not (run_dir / JOB).is_file():
-        import yaml
         (run_dir / JOB).write_text(yaml.safe_dump(job_to_dict(job), sort_keys=False))
         (run_dir / DS_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     r.use_wandb = setup_wandb(job, cfg, run_dir)
@@ -159,6 +162,7 @@ def build(r: Run) -> None:
     r.metrics = Metrics(r.run_dir / METRICS, r.rank, cfg["train_batch_size"])
     r.metrics.monitor = r.strategy.monitor
     if r.use_wandb and r.rank == 0:
+        # imported only when used (wandb is slow to import)
         import wandb
         if wandb.run is not None:
             wandb.config.update({"layout": {"world": layout.world, "dp": layout.dp, "tp": layout.tp,
@@ -214,7 +218,6 @@ def fit(r: Run) -> str | None:
     sampler, data, steps_per_epoch, total = loader(r)
     if r.args.resume:
         resume(r)
-    from tqdm import tqdm
     bar = tqdm(total=total, initial=r.step, disable=r.rank != 0, desc="train", unit="step",
                dynamic_ncols=True, mininterval=1.0, file=sys.stdout)
     ga, train = r.cfg["gradient_accumulation_steps"], r.job.train
@@ -297,7 +300,6 @@ def finish(r: Run) -> dict[str, Any]:
     kept = r.job.train.checkpoint is not False
     if not kept:  # e.g. a dry run: nothing to resume, and it can be 100s of MB
         if r.rank == 0:
-            import shutil
             shutil.rmtree(r.ckpt_dir, ignore_errors=True)
         dist.barrier()
     summary = {"task": r.job.task, "steps": r.step, "world": r.layout.world, "layout": r.layout.describe(),
@@ -323,6 +325,7 @@ def finish(r: Run) -> dict[str, Any]:
 def finish_wandb(r: Run, summary: dict[str, Any]) -> None:
     if not r.use_wandb:
         return
+    # imported only when used (wandb is slow to import)
     import wandb
     if wandb.run is not None:
         wandb.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})

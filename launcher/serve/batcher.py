@@ -11,6 +11,7 @@ grace ends, then are cut) -> stopped; or failed (the model did not load, or a ra
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 import traceback
@@ -150,7 +151,6 @@ class Engine:
 def _lower_priority(niceness: int = 5) -> None:
     """This thread (the model) yields the CPU to the HTTP thread when both want it: /health and the
     streams stay responsive under load on a machine with few cores (Linux: a thread has its own nice)."""
-    import os
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
     except (OSError, AttributeError):

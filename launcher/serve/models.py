@@ -7,10 +7,14 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import deepspeed
 import torch
+from peft import PeftModel
 
 from launcher.common.errors import LabsError
 from launcher.serve.kv import KVBatch
+from tasks.causal_lm import build_causal_lm
+from tasks.rag.tensor_parallel import init_distributed, launcher_world, tp_grain
 
 # For a tokenizer without a chat template (the presets' built-in ones): a plain ChatML-like layout.
 DEFAULT_CHAT_TEMPLATE = (
@@ -32,7 +36,6 @@ class Loaded:
 
 
 def load(spec: dict) -> Loaded:
-    from tasks.causal_lm import build_causal_lm
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     torch.manual_seed(int(spec.get("seed", 0)))  # presets: the same random weights on every rank and run
@@ -40,7 +43,6 @@ def load(spec: dict) -> Loaded:
     model.eval()
     adapters: dict[str, str] = spec.get("adapters") or {}
     if adapters:
-        from peft import PeftModel
         names = list(adapters)
         model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
         for name in names[1:]:
@@ -61,9 +63,7 @@ def load(spec: dict) -> Loaded:
 
 
 def _tensor_parallel(model: torch.nn.Module, tp: int) -> torch.nn.Module:
-    import deepspeed
 
-    from tasks.rag.tensor_parallel import init_distributed, launcher_world, tp_grain
     _, world = launcher_world()
     if world != tp:
         raise LabsError(f"--tp {tp} needs {tp} ranks and this launch has {world}")

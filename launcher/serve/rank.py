@@ -12,6 +12,7 @@ that died from them).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -25,7 +26,8 @@ from pathlib import Path
 from launcher.common.errors import LabsError
 from launcher.common.proc import single_process_env
 from launcher.common.run_dir import STOP_FILE
-from launcher.rank.setup import quiet_console
+from launcher.rank.setup import quiet_console, to_console
+from launcher.serve.metrics import Metrics
 
 
 def _status(serve_dir: Path, rank: int, **fields) -> None:
@@ -37,11 +39,15 @@ def _status(serve_dir: Path, rank: int, **fields) -> None:
 
 
 def _rank0(spec: dict, serve_dir: Path) -> int:
+    # keeps torch and DeepSpeed out of the labs process
     import uvicorn
 
+    # keeps torch and DeepSpeed out of the labs process
     from launcher.serve.batcher import Engine
+
+    # keeps torch and DeepSpeed out of the labs process
     from launcher.serve.http import make_app
-    from launcher.serve.metrics import Metrics
+
 
     engine = Engine(lambda: _load(spec), Metrics(), spec["max_batch"], spec["max_queue"], serve_dir / STOP_FILE)
     engine.grace = spec["grace"]
@@ -67,11 +73,11 @@ def _rank0(spec: dict, serve_dir: Path) -> int:
 
 
 def _load(spec: dict):
+    # keeps torch and DeepSpeed out of the labs process
     from launcher.serve.models import load
     loaded = load(spec)
     print(f"[rank 0] serving {spec['name']} on http://{spec['host']}:{spec['port']}/v1 "
           f"(context {loaded.context}, chat template {loaded.chat_template})", flush=True)
-    from launcher.rank.setup import to_console
     to_console(f"== ready: http://{spec['host']}:{spec['port']}/v1 ({spec['name']})\n")
     return loaded
 
@@ -80,8 +86,8 @@ class _Server:
     """uvicorn's server without its own signal handling (rank 0 drains first, then tells it to exit)."""
 
     def __init__(self, config) -> None:
-        import contextlib
 
+        # keeps torch and DeepSpeed out of the labs process
         import uvicorn
 
         class Quiet(uvicorn.Server):
@@ -107,7 +113,10 @@ class _Server:
 
 
 def _follower(spec: dict) -> int:
+    # keeps torch and DeepSpeed out of the labs process
     from launcher.serve.models import load
+
+    # keeps torch and DeepSpeed out of the labs process
     from launcher.serve.ranks import Channel, follow
     loaded = load(spec)
     why = follow(loaded.kv, Channel(), loaded.with_adapters, spec["grace"] + 15)
@@ -118,6 +127,7 @@ def _follower(spec: dict) -> int:
 def _leave(code: int) -> None:
     """Leave without tearing gloo down (a peer that left first makes that abort): a last barrier when all
     went well, then os._exit."""
+    # keeps torch and DeepSpeed out of the labs process
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized() and code == 0:
         try:

@@ -19,6 +19,7 @@ import threading
 import time
 
 import torch
+import torch.distributed as dist
 
 from launcher.serve.kv import KVBatch
 
@@ -31,11 +32,9 @@ class Channel:
 
     def send(self, msg: dict) -> None:
         if self.world > 1:
-            import torch.distributed as dist
             dist.broadcast_object_list([msg], src=0)
 
     def recv(self) -> dict:
-        import torch.distributed as dist
         box: list = [None]
         dist.broadcast_object_list(box, src=0)
         return box[0]

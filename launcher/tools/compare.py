@@ -15,6 +15,7 @@ their ratio (a table in report.md and peak_memory.png; --report-only predicts ag
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import statistics
 import subprocess
@@ -24,9 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from launcher.common.errors import LabsError
+from launcher.common.layout import Layout
 from launcher.common.run_dir import REPO
-from launcher.common.text import fmt_bytes
-from launcher.config.ds.load import resolve_batch
+from launcher.common.text import fmt_bytes, fmt_flops
+from launcher.config.ds.load import precision, resolve_batch
+from launcher.config.job import load_job
+from launcher.launch.make_plan import make_plan
+from launcher.resolve import predict_run
 
 ALL = ("zero0", "zero1", "zero2", "zero3", "pipeline", "model_parallel", "tensor_parallel", "sequence_parallel",
        "pipeline_tensor_parallel@4")
@@ -73,8 +78,6 @@ def _fp32_formula(stage: int, params: int, dp: int) -> int:
 
 
 def run_one(args, spec: str, out: Path) -> dict[str, Any]:
-    from launcher.checkpoint.store import precision
-    from launcher.launch.make_plan import make_plan
 
     name, ranks = _strategy(spec)
     label = spec.replace("@", "_at")
@@ -160,9 +163,7 @@ def repredict(r: dict[str, Any]) -> None:
     rd = Path(r.get("run_dir", ""))
     if not m or not (rd / "job.yaml").is_file():
         return
-    from launcher.common.layout import Layout
-    from launcher.config.job import load_job
-    from launcher.resolve import predict_run
+
     cfg = json.loads((rd / "ds_config.json").read_text())
     layout = Layout.from_ds_config(cfg, r["world"])
     cfg = resolve_batch(cfg, layout.dp, str(rd / "ds_config.json"))
@@ -206,7 +207,6 @@ def _memory_table(results: list[dict[str, Any]]) -> list[str]:
 
 
 def write_report(results: list[dict[str, Any]], out: Path, job: str, steps: int, command: str) -> None:
-    from launcher.common.text import fmt_flops
     rows = ["| strategy | ranks (dp x tp x pp) | micro-batches | tokens/s | FLOP/s | MFU | time/step | peak RSS / rank "
             "| peak above baseline / rank: measured | predicted | predicted / measured "
             "| model states / rank (measured) | of which params + master + grads + optimizer (rank 0) "
@@ -261,8 +261,10 @@ def write_report(results: list[dict[str, Any]], out: Path, job: str, steps: int,
 
 
 def _plots(results: list[dict[str, Any]], out: Path) -> None:
+    # imported only when used (matplotlib is slow to import)
     import matplotlib
     matplotlib.use("Agg")
+    # imported only when used (matplotlib is slow to import)
     import matplotlib.pyplot as plt
 
     names = [r["strategy"] for r in results]
@@ -311,8 +313,10 @@ def _plots(results: list[dict[str, Any]], out: Path) -> None:
 
 def peak_plot(results: list[dict[str, Any]], path: Path, title: str = "Peak memory per rank above the baseline") -> None:
     """Measured peak per rank (bars) and the prediction (black marks), one group per strategy."""
+    # imported only when used (matplotlib is slow to import)
     import matplotlib
     matplotlib.use("Agg")
+    # imported only when used (matplotlib is slow to import)
     import matplotlib.pyplot as plt
     rows = [r for r in results if (r.get("memory") or {}).get("measured_bytes")]
     if not rows:
@@ -337,7 +341,6 @@ def peak_plot(results: list[dict[str, Any]], path: Path, title: str = "Peak memo
 
 
 def run(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
-    import datetime as dt
 
     out = Path(args.out or REPO / "runs" / "compare" / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)

@@ -13,10 +13,16 @@ pipeline layer list; AutoTP's row/column shards are joined along the dimension D
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
+from launcher.checkpoint.convert import check_whole, pipeline_weights, tensor_parallel_weights
 from launcher.checkpoint.store import Manifest, complete
 from launcher.common.errors import LabsError
+from launcher.common.proc import single_process_env
+from launcher.config.job import load_job
+from tasks.options import check_options
+from tasks.registry import get_task
 
 
 def pick(run_dir: Path, step: int | None) -> tuple[Manifest, Path]:
@@ -35,9 +41,10 @@ def pick(run_dir: Path, step: int | None) -> tuple[Manifest, Path]:
 
 
 def consolidated(manifest: Manifest, tag_dir: Path, model=None) -> dict:
+    # keeps torch and DeepSpeed out of the labs process
     import torch
 
-    from launcher.checkpoint.convert import check_whole, pipeline_weights, tensor_parallel_weights
+    # keeps torch and DeepSpeed out of the labs process
     from launcher.parallel.layers.pipeline import pipeline_names
     if manifest.tp > 1:  # AutoTP shards joined along their split dimension
         return check_whole(tensor_parallel_weights(tag_dir, manifest), str(tag_dir))
@@ -46,18 +53,15 @@ def consolidated(manifest: Manifest, tag_dir: Path, model=None) -> dict:
     if manifest.zero_stage == 0:
         sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         return check_whole({k: v.float() for k, v in sd.items()}, str(tag_dir))
+    # keeps torch and DeepSpeed out of the labs process
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     return check_whole(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name), str(tag_dir))
 
 
 def export_run(run_dir: str | Path, step: int | None = None, out: str | Path | None = None,
                merge: bool = False) -> Path:
-    import dataclasses
 
-    from launcher.common.proc import single_process_env
-    from launcher.config.job import load_job
-    from tasks.options import check_options
-    from tasks.registry import get_task
+
 
     run_dir = Path(run_dir).expanduser().resolve()
     if not (run_dir / "job.yaml").is_file():

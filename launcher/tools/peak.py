@@ -14,6 +14,7 @@ from launcher.rank.peak import peak
 
 
 def main(argv: list[str] | None = None) -> int:
+    # keeps torch and DeepSpeed out of the labs process
     import torch
     p = argparse.ArgumentParser(prog="labs peak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

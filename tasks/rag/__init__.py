@@ -24,7 +24,6 @@ The parts, one file each, in the order a question meets them:
 from __future__ import annotations
 
 from tasks.rag.answer import answer, extract
-from tasks.rag.cli import main, parse_args
 from tasks.rag.embedding import Embedder
 from tasks.rag.evaluation import contains_answer, evaluate
 from tasks.rag.generation import Generator, build_generator, build_prompt
@@ -46,4 +45,4 @@ __all__ = ["BUILTIN_DOCS", "BUILTIN_QUESTIONS", "DEFAULT_MIN_SCORE", "INDEX_KIND
            "OFF_TOPIC_QUESTIONS", "Embedder", "Generator", "Passage", "Question", "Store", "answer",
            "build_generator", "build_prompt", "build_store", "contains_answer", "default_index_dir", "evaluate",
            "extract", "init_distributed", "launcher_world", "load_passages", "load_questions", "load_squad",
-           "load_store", "main", "make_index", "parse_args", "relaunch", "relevance", "tp_grain"]
+           "load_store", "make_index", "relaunch", "relevance", "tp_grain"]

@@ -10,6 +10,9 @@ import os
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
+import tasks.rag
 from tasks.api import LabsError
 from tasks.rag.answer import answer
 from tasks.rag.embedding import Embedder
@@ -22,7 +25,6 @@ from tasks.rag.threshold import DEFAULT_MIN_SCORE, NO_ANSWER
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    import tasks.rag
     p = argparse.ArgumentParser(prog="labs rag", description=tasks.rag.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", nargs="+", default=[], help="passage files (.jsonl/.json SQuAD/.csv/.txt) or hf:NAME[:SPLIT]; "
@@ -130,5 +132,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
     dist.barrier()

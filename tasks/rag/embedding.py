@@ -4,8 +4,11 @@ L2-normalised, so that an inner product is a cosine."""
 from __future__ import annotations
 
 import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
 
 from tasks.api import LabsError
+from tasks.classifier import minilm_path
 from tasks.rag.progress import bar
 
 
@@ -13,11 +16,8 @@ class Embedder:
     """Sentence embeddings: a BERT-like encoder, mean pooling over real tokens, L2-normalised."""
 
     def __init__(self, name: str | None = None, max_length: int = 512):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
         self.default = name is None
         if name is None:
-            from tasks.classifier import minilm_path
             name = str(minilm_path())
         self.name = name
         self.label = "all-MiniLM-L6-v2" if self.default else name

@@ -3,7 +3,12 @@ one process or split over N ranks (`deepspeed.init_inference`, AutoTP; tasks/rag
 
 from __future__ import annotations
 
-from tasks.api import LabsError
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from tasks.api import LabsError, split_shapes
+from tasks.causal_lm import build_causal_lm
 from tasks.rag.passages import Passage
 from tasks.rag.tensor_parallel import init_distributed, launcher_world, tp_grain
 
@@ -32,9 +37,7 @@ class Generator:
     the same tokens on all ranks, equal to one process (fp32)."""
 
     def __init__(self, name: str, max_new_tokens: int = 64, tp_size: int = 1, seed: int = 0):
-        import torch
 
-        from tasks.causal_lm import build_causal_lm
         rank, world = launcher_world()
         if tp_size > 1 and tp_size != world:
             raise LabsError(f"--tp_size {tp_size} needs {tp_size} ranks, and this launch has {world}; start it "
@@ -47,7 +50,6 @@ class Generator:
         cfg = model.config
         self.limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 1024)
         if tp_size > 1:
-            import deepspeed
             init_distributed()
             engine = deepspeed.init_inference(
                 model, tensor_parallel={"tp_size": tp_size, "tp_grain_size": tp_grain(cfg, tp_size)},
@@ -56,9 +58,7 @@ class Generator:
         self.model = model
 
     def generate_ids(self, prompt: str) -> list[int]:
-        import torch
         if self.tp_size > 1:  # every rank must decode the same prompt: rank 0's (its retrieval) wins
-            import torch.distributed as dist
             box = [prompt]
             dist.broadcast_object_list(box, src=0)
             prompt = box[0]
@@ -73,7 +73,6 @@ class Generator:
 
     def split_shapes(self) -> dict[str, list[int]]:
         """Shapes of the first block's matrices and the head as this rank holds them."""
-        from tasks.api import split_shapes
         return split_shapes(self.model)
 
 

@@ -10,9 +10,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from tasks.api import LabsError
+from tasks.causal_lm import cache_dir
 from tasks.rag.embedding import Embedder
 from tasks.rag.passages import BUILTIN_DOCS, Passage, load_passages
 
@@ -20,7 +22,6 @@ INDEX_KINDS = ("flat", "ivf", "hnsw")
 
 
 def make_index(vectors: np.ndarray, kind: str = "flat"):
-    import faiss
     d = vectors.shape[1]
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
@@ -63,10 +64,9 @@ class Store:
 
     def search(self, qvecs: np.ndarray, k: int, rerank: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(scores, passage numbers) [questions, k]: FAISS over the passage vectors; with rerank, its top
-        candidates re-ordered by passage + best sentence score (tasks/rag/rerank.py)."""
+        candidates re-ordered by passage + best sentence score (rerank below)."""
         if not rerank:
             return self.index.search(qvecs, min(k, len(self.passages)))
-        from tasks.rag.rerank import rerank as rerank_candidates
         return rerank_candidates(self, qvecs, k)
 
 
@@ -82,7 +82,6 @@ def _fingerprint(sources: list[str], embedder: str, kind: str) -> str:
 
 
 def default_index_dir(sources: list[str], embedder: str, kind: str) -> Path:
-    from tasks.causal_lm import cache_dir
     return cache_dir() / "rag" / _fingerprint(sources, embedder, kind)
 
 
@@ -91,7 +90,6 @@ def build_store(sources: list[str], embedder: Embedder, kind: str, index_dir: Pa
     """Load the cached index in index_dir when it was built from the same sources, embedder and
     kind; otherwise embed, build and save it there (with progress bars on rank 0 in a terminal, and
     one line with the counts at the end)."""
-    import faiss
     fp = _fingerprint(sources, embedder.name, kind)
     meta_file = index_dir / "meta.json"
     if not rebuild and meta_file.is_file():
@@ -126,7 +124,6 @@ def build_store(sources: list[str], embedder: Embedder, kind: str, index_dir: Pa
 
 
 def load_store(index_dir: Path) -> Store:
-    import faiss
     need = ["meta.json", "index.faiss", "passages.jsonl", "sentences.jsonl", "sentences.npy"]
     missing = [n for n in need if not (index_dir / n).is_file()]
     if missing:
@@ -139,3 +136,22 @@ def load_store(index_dir: Path) -> Store:
         index.make_direct_map()
     return Store(passages, index, sentences,
                  np.load(index_dir / "sentences.npy"), json.loads((index_dir / "meta.json").read_text()))
+
+
+def best_sentence(store: Store, qvec: np.ndarray, passage: int) -> float:
+    """The cosine of the passage's sentence closest to the question (0 for a passage without one)."""
+    rows = store.sentence_rows(passage)
+    return float((store.sentence_vecs[rows] @ qvec).max()) if rows else 0.0
+
+
+def rerank_candidates(store: Store, qvecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k passages per question: the top max(4k, 20) FAISS candidates re-ordered by (passage cosine +
+    best sentence cosine) / 2."""
+    scores, ids = store.index.search(qvecs, min(max(4 * k, 20), len(store.passages)))
+    out_s, out_i = np.full((len(qvecs), k), -np.inf, np.float32), np.full((len(qvecs), k), -1, np.int64)
+    for r, (qv, row, sc) in enumerate(zip(qvecs, ids, scores, strict=True)):
+        cands = [((float(s) + best_sentence(store, qv, int(i))) / 2, int(i)) for s, i in zip(sc, row, strict=True) if i >= 0]
+        cands.sort(reverse=True)
+        for c, (s, i) in enumerate(cands[:k]):
+            out_s[r, c], out_i[r, c] = s, i
+    return out_s, out_i

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+
 from tasks.api import LabsError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -94,7 +96,6 @@ def load_passages(sources: list[str], text_field: str = "text") -> list[Passage]
 
 
 def _hub_passages(spec: str, text_field: str) -> list[Passage]:
-    import datasets
     name, _, split = spec.partition(":")
     try:
         ds = datasets.load_dataset(name, split=split or "train")

@@ -6,6 +6,7 @@ how it is launched otherwise.)"""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 
@@ -16,6 +17,7 @@ def launcher_world() -> tuple[int, int]:
 
 def init_distributed() -> None:
     """Join the launcher's process group (gloo on CPU), once, ready for DeepSpeed inference."""
+    # keeps torch and DeepSpeed out of the labs process
     import torch
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -24,10 +26,14 @@ def init_distributed() -> None:
     # has LOCAL_WORLD_SIZE), and without the set-up the first row-parallel forward dies of SIGSEGV.
     if "LOCAL_SIZE" not in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
         os.environ["LOCAL_SIZE"] = os.environ["LOCAL_WORLD_SIZE"]
+    # keeps torch and DeepSpeed out of the labs process
     import deepspeed
+
+    # keeps torch and DeepSpeed out of the labs process
     import deepspeed.comm as ds_comm
     if ds_comm.is_initialized():
         return
+    # keeps torch and DeepSpeed out of the labs process
     from tasks.api import release_shm_buffers
     cpu = os.environ.get("DS_ACCELERATOR") == "cpu"
     deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
@@ -51,8 +57,8 @@ def tp_grain(config, tp_size: int) -> int:
 
 def relaunch(argv: list[str], tp_size: int) -> int:
     """Alone with --tp_size N > 1: run the same command as N ranks on this host under torchrun."""
-    import subprocess
 
+    # keeps torch and DeepSpeed out of the labs process
     from tasks.api import rank_environment
     # as `labs launch` sets up its ranks (the one rank environment), the cores shared out between the ranks
     threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else None

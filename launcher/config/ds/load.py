@@ -205,3 +205,11 @@ REFUSED: dict[str, tuple[str, str]] = {
 }
 """Keys DeepSpeed 0.19 accepts that labs would not honour: reason and fix. Harmless when switched off
 ("enabled": false, a false/null value, or a section whose values are all false/null/0)."""
+
+
+def precision(cfg: dict[str, Any]) -> str:
+    for key in ("bf16", "bfloat16", "fp16"):
+        sec = cfg.get(key)
+        if isinstance(sec, dict) and sec.get("enabled") is True:
+            return "bf16" if key != "fp16" else "fp16"
+    return "fp32"

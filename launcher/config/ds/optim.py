@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.common.errors import LabsError
+from launcher.common.proc import extensions_dir
 from launcher.config.ds.load import get_path, offload, zero_stage
 from launcher.config.ds.parser import _unknown_message
 
@@ -43,6 +44,7 @@ def machine_bf16(accelerator: str) -> bool:
     if accelerator == "cpu":
         return cpu_has_bf16() is True
     try:
+        # keeps torch and DeepSpeed out of the labs process
         import torch
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     except Exception:  # noqa: BLE001 - no torch/CUDA to ask: fp32, which always works
@@ -87,12 +89,8 @@ NO_OPTIMIZER_FIX = ('add "optimizer": {"type": "AdamW", "params": {"lr": "auto",
                     '"weight_decay": "auto", "torch_adam": true}} (the "auto" values come from the job)')
 
 
-def _optimizer_class(cfg: dict[str, Any], path: str, accelerator: str) -> tuple[Any, dict[str, Any]]:
-    """(the class DeepSpeed builds for the config's optimizer or None for Muon, the parameters it
-    passes), as DeepSpeedEngine._configure_basic_optimizer / get_optimizer_configuration do."""
-    import torch
-    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
-
+def _optimizer_section(cfg: dict[str, Any], path: str) -> tuple[str, dict[str, Any]]:
+    """The config's optimizer type and a copy of its params, their types checked as torch would need them."""
     opt = cfg.get("optimizer")
     if not isinstance(opt, dict) or opt.get("type") is None:
         what = "no \"optimizer\" section" if opt is None else f"optimizer = {opt!r} has no \"type\""
@@ -116,6 +114,19 @@ def _optimizer_class(cfg: dict[str, Any], path: str, accelerator: str) -> tuple[
     if betas is not None and not (isinstance(betas, list) and len(betas) == 2 and all(
             isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)):
         raise LabsError(f"{path}: optimizer.params.betas = {betas!r}; write two numbers, e.g. [0.9, 0.999]")
+    return name, params
+
+
+def _optimizer_class(cfg: dict[str, Any], path: str, accelerator: str) -> tuple[Any, dict[str, Any]]:
+    """(the class DeepSpeed builds for the config's optimizer or None for Muon, the parameters it
+    passes), as DeepSpeedEngine._configure_basic_optimizer / get_optimizer_configuration do."""
+    # keeps torch and DeepSpeed out of the labs process
+    import torch
+
+    # keeps torch and DeepSpeed out of the labs process
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    name, params = _optimizer_section(cfg, path)
     lname = name.lower() if name.lower() in DEEPSPEED_OPTIMIZERS else name
     off = offload(cfg)[0]
     on_cpu = accelerator == "cpu"
@@ -129,36 +140,42 @@ def _optimizer_class(cfg: dict[str, Any], path: str, accelerator: str) -> tuple[
             params.pop("foreach", None)
             return (torch.optim.AdamW if lname == "adamw" or adam_w_mode else torch.optim.Adam), params
         if off:
+            # keeps torch and DeepSpeed out of the labs process
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             return DeepSpeedCPUAdam, params
+        # keeps torch and DeepSpeed out of the labs process
         from deepspeed.ops.adam import FusedAdam
         return FusedAdam, params
     if lname == "adagrad":
         if off:
+            # keeps torch and DeepSpeed out of the labs process
             from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
             return DeepSpeedCPUAdagrad, params
         return torch.optim.Adagrad, params
     if lname == "lion":
         if off:
+            # keeps torch and DeepSpeed out of the labs process
             from deepspeed.ops.lion import DeepSpeedCPULion
             return DeepSpeedCPULion, params
         if on_cpu:
             raise LabsError(f"{path}: optimizer.type = {name!r} without optimizer offload builds FusedLion, which "
                             f"DeepSpeed does not implement on CPU; offload the optimizer "
                             f"(zero_optimization.offload_optimizer.device = \"cpu\") or use \"AdamW\"")
+        # keeps torch and DeepSpeed out of the labs process
         from deepspeed.ops.lion import FusedLion
         return FusedLion, params
     if lname == "lamb":
         if on_cpu:
             raise LabsError(f"{path}: optimizer.type = {name!r} builds FusedLamb, which DeepSpeed does not implement "
                             f"on CPU; use \"AdamW\" (with \"torch_adam\": true) or a torch.optim optimizer")
+        # keeps torch and DeepSpeed out of the labs process
         from deepspeed.ops.lamb import FusedLamb
         return FusedLamb, params
     if lname in ("muadam", "muadamw", "musgd"):
         if importlib.util.find_spec("mup") is None:
             raise LabsError(f"{path}: optimizer.type = {name!r} needs the `mup` package, which is not installed; "
                             f"pip install mup, or use \"AdamW\"")
-        import mup
+        import mup  # imported only when the config asks for it (an optional package)
         return getattr(mup, {"muadam": "MuAdam", "muadamw": "MuAdamW", "musgd": "MuSGD"}[lname]), params
     if not hasattr(torch.optim, name) or not isinstance(getattr(torch.optim, name), type):
         choices = sorted(set(DEEPSPEED_OPTIMIZERS) | {n for n in dir(torch.optim) if n[0].isupper()
@@ -173,6 +190,7 @@ def _optimizer_class(cfg: dict[str, Any], path: str, accelerator: str) -> tuple[
 def _check_optimizer(cfg: dict[str, Any], path: str, accelerator: str) -> Any:
     """Mirror DeepSpeed's optimizer construction; returns a torch optimizer on a dummy parameter with
     the config's learning rate (for the scheduler check)."""
+    # keeps torch and DeepSpeed out of the labs process
     import torch
     cls, params = _optimizer_class(cfg, path, accelerator)
     name = cfg["optimizer"]["type"]
@@ -199,6 +217,7 @@ def _check_optimizer(cfg: dict[str, Any], path: str, accelerator: str) -> Any:
         raise LabsError(f"{path}: {where}: {name} refuses it ({e}); write a valid number") from None
     # ZeRO runs only the optimizers DeepSpeed tested unless told otherwise (engine._do_optimizer_sanity_check)
     if zero_stage(cfg) > 0 and cls is not None and not cfg.get("zero_allow_untested_optimizer", False):
+        # keeps torch and DeepSpeed out of the labs process
         from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
         if not any(issubclass(cls, s) for s in ZERO_SUPPORTED_OPTIMIZERS):
             raise LabsError(f"{path}: optimizer.type = {name!r} with zero_optimization.stage = {zero_stage(cfg)}: "
@@ -209,7 +228,10 @@ def _check_optimizer(cfg: dict[str, Any], path: str, accelerator: str) -> Any:
 
 def _check_scheduler(cfg: dict[str, Any], path: str, optimizer: Any) -> None:
     """Build the scheduler as DeepSpeedEngine._scheduler_from_config does, on the probe optimizer."""
+    # keeps torch and DeepSpeed out of the labs process
     import torch
+
+    # keeps torch and DeepSpeed out of the labs process
     from deepspeed.runtime import lr_schedules
     sched = cfg.get("scheduler")
     if sched is None:
@@ -269,6 +291,5 @@ def ops_needed(cfg: dict[str, Any], ext_dir: str | Path | None = None) -> list[t
     zero = cfg.get("zero_optimization") if isinstance(cfg.get("zero_optimization"), dict) else {}
     if any((zero.get(k) or {}).get("device") == "nvme" for k in ("offload_optimizer", "offload_param")):
         ops.append("async_io")
-    from launcher.common.proc import extensions_dir
     root = Path(ext_dir or extensions_dir())
     return [(op, OP_BUILD_SECONDS[op], (root / op / f"{op}.so").is_file()) for op in ops]

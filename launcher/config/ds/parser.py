@@ -45,7 +45,10 @@ import typing
 from collections.abc import KeysView
 from typing import Any
 
+from pydantic import BaseModel
+
 from launcher.common.errors import LabsError
+from launcher.common.proc import accelerator
 from launcher.config.ds.load import REFUSED, _dotted, _walk, get_path
 
 _MISSING = object()
@@ -122,6 +125,7 @@ def _deepspeed(accelerator: str):
     if unset:
         os.environ["DS_ACCELERATOR"] = accelerator
     try:
+        # keeps torch and DeepSpeed out of the labs process
         from deepspeed.utils import logger
         records: list[logging.LogRecord] = []
         handlers, level = logger.handlers[:], logger.level
@@ -160,7 +164,10 @@ def _parse(cfg: dict[str, Any], world: int) -> tuple[Any, _Log, list[tuple[type,
     config object, what it looked up, and every pydantic sub-config built (class, data); the last
     two stay in _last_log / _last_models when DeepSpeed raises part-way."""
     global _last_models, _last_log
+    # keeps torch and DeepSpeed out of the labs process
     from deepspeed.runtime.config import DeepSpeedConfig
+
+    # keeps torch and DeepSpeed out of the labs process
     from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 
     class PlanConfig(DeepSpeedConfig):
@@ -185,7 +192,6 @@ def _parse(cfg: dict[str, Any], world: int) -> tuple[Any, _Log, list[tuple[type,
 @functools.lru_cache(maxsize=1)
 def _minimal_parse() -> tuple[frozenset[str], dict[str, Any]]:
     """Top-level keys the installed DeepSpeedConfig looks up on a minimal config, and their defaults."""
-    from launcher.common.proc import accelerator
     with _deepspeed(accelerator()):
         _, log, _ = _parse({"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1}, 1)
     top = {p[0]: d for p, d in log.seen.items() if len(p) == 1}
@@ -232,7 +238,6 @@ def _model_field(cls: type, key: str) -> Any:
 
 def _model_at(cls: type | None, loc: tuple) -> type | None:
     """The pydantic model class at loc under cls (None when loc leaves the models)."""
-    from pydantic import BaseModel
     for key in loc:
         f = _model_field(cls, str(key)) if cls is not None else None
         inner = _unwrap(f.annotation) if f else None
@@ -256,7 +261,6 @@ def _model_keys(cls: type | None, loc: tuple) -> list[str]:
 def _strict_types(cls: type, data: dict, prefix: tuple, path: str) -> None:
     """Refuse what DeepSpeed's lax pydantic parsing would turn silently into something else: a
     non-boolean for a bool field ("enabled": "yes"), a boolean for a number field ("stage": true)."""
-    from pydantic import BaseModel
     for key, value in data.items():
         f = _model_field(cls, str(key))
         ann = _unwrap(f.annotation) if f else None
@@ -295,6 +299,7 @@ def _strict_defaults(cfg: dict[str, Any], seen: dict[tuple, Any], path: str) -> 
 
 def _unknown_nested(cfg: dict[str, Any], log: _Log, models: list[tuple[type, dict]], path: str) -> None:
     """Keys inside DeepSpeed's dict-style sections that it never looks up (it would ignore them)."""
+    # keeps torch and DeepSpeed out of the labs process
     from deepspeed.runtime.config import get_pipeline_config
     skip = set(log.bulk) | {("optimizer", "params"), ("scheduler", "params")} | {(k,) for k in REFUSED}
     for _, data in models:  # pydantic sections refuse unknown keys themselves

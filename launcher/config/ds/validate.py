@@ -9,7 +9,10 @@ import difflib
 import functools
 import importlib.util
 import json
+from importlib.metadata import version
 from typing import Any
+
+from pydantic import ValidationError
 
 from launcher.common.errors import LabsError
 from launcher.config.ds.auto import _refuse_auto
@@ -46,6 +49,7 @@ def validate(cfg: dict[str, Any], path: str, *, world: int, accelerator: str) ->
             raise LabsError(f"{path}: {_dotted(keys)} = {value!r} is not a JSON boolean (DeepSpeed would read any "
                             f"non-empty value as true, or refuse it); write true or false")
     with _deepspeed(accelerator) as records:
+        # keeps torch and DeepSpeed out of the labs process
         from deepspeed.runtime import config as ds_config
         removed = getattr(ds_config, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {})
         removed_zero = getattr(ds_config, "_REMOVED_ZERO_CONFIG_KEYS", {})
@@ -72,7 +76,6 @@ def validate(cfg: dict[str, Any], path: str, *, world: int, accelerator: str) ->
             raise LabsError(f"{path}: datastates_ckpt = {_short(cfg['datastates_ckpt'])} turns on DataStates "
                             f"checkpointing, which needs the `datastates` package (not installed); remove the key")
 
-        from pydantic import ValidationError
         try:
             _, log, models = _parse(cfg, world)
             warnings = [r.getMessage() for r in records]
@@ -97,7 +100,6 @@ def _short(value: Any) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _ds_version() -> str:
-    from importlib.metadata import version
     return version("deepspeed")
 
 

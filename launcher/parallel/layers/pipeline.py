@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 
 from launcher.common.errors import LabsError
@@ -120,7 +121,6 @@ def model_type(model: nn.Module) -> str:
 
 def pipeline_layers(model: nn.Module, where: str = "model") -> list:
     """The ordered layer list (modules and DeepSpeed LayerSpecs) of a Llama-family or GPT-2 HF model."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     kind = model_type(model)
     attn_impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
@@ -146,7 +146,6 @@ def pipeline_names(model) -> dict[str, str]:
     """Pipeline parameter name (`<layer index>.<name in the layer>`, as a PipelineModule and its
     `layer_XX-model_states.pt` files have them) -> the HF model's name, from the task's layer list
     (tasks/pipeline_layers.py), whose layers wrap the model's own submodules."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     ids: dict[int, str] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
