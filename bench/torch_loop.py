@@ -108,10 +108,8 @@ def main() -> int:
     torch.set_num_threads(a.threads or max(len(os.sched_getaffinity(0)), 1))
     cuda = a.device == "cuda"
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
+    torch.cuda.set_device(device) if cuda else None
+    dist.init_process_group("nccl" if cuda else "gloo") if world > 1 else None
     job, parts = build_parts(a.job, a.sets)
     model = parts.model.to(device)
     model.train()

@@ -69,9 +69,14 @@ def _main_block_lines(tree: ast.Module) -> set[int]:
 
 
 def imports(mod: str):
-    """(target module, line, top-level?, in an entry-point block?) for every import of `mod`."""
+    """(target module, line, top-level? (None: under `if TYPE_CHECKING:`), in an entry-point block?) for every
+    import of `mod`."""
     tree = TREES[mod]
-    top = {id(n) for n in tree.body} | {id(n) for node in tree.body if isinstance(node, ast.If) for n in node.body}
+    # module level: the body and its `if`s, except `if TYPE_CHECKING:` (never run; an edge all the same)
+    top = {id(n) for n in tree.body} | {id(n) for node in tree.body if isinstance(node, ast.If)
+                                        and "TYPE_CHECKING" not in ast.unparse(node.test) for n in node.body}
+    typing = {id(n) for node in tree.body if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+              for n in node.body}
     main = _main_block_lines(tree)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -82,7 +87,7 @@ def imports(mod: str):
         else:
             continue
         for n in names:
-            yield n, node.lineno, id(node) in top, node.lineno in main
+            yield n, node.lineno, (None if id(node) in typing else id(node) in top), node.lineno in main
 
 
 def project_edges() -> dict[str, set[str]]:
@@ -177,7 +182,7 @@ def test_function_level_imports_say_why():
             continue
         lines = p.read_text().splitlines()
         for target, line, top, main in imports(m):
-            if top or main:
+            if top is not False or main:
                 continue
             said = " ".join(lines[max(0, line - 3):line]).lower()
             if not any(r in said for r in REASONS):
