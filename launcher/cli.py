@@ -220,10 +220,9 @@ def _submit_slurm(plan, env: dict[str, str], detach: bool) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from tasks.presets import PRESETS, VOCAB, count_params
-    for name, cfg in PRESETS.items():
-        total, _ = count_params(cfg, VOCAB[cfg["tokenizer"]])
-        print(f"{name:<12} {cfg['arch']:<6} {total / 1e6:7.1f}M params  tokenizer {cfg['tokenizer']}")
+    from tasks.presets import PRESETS, describe
+    for name in PRESETS:
+        print(describe(name))
     return 0
 
 
