@@ -89,8 +89,10 @@ def check_loadable(name: str, presets: str) -> None:
     if path.is_dir():
         check_model_folder(path)
     elif os.environ.get("HF_HUB_OFFLINE") == "1":
+        hint = (f"; offline, {smollm2.NAME!r} is this model converted from the GGUF of {smollm2.PACKAGE} "
+                f"(4-bit, dequantized)" if name in smollm2.HUB_IDS else "")
         raise LabsError(f"model {name!r} is a hub id and HF_HUB_OFFLINE=1; give a local folder "
-                        f"(--set model.name=/path) or a preset ({presets})")
+                        f"(--set model.name=/path) or a preset ({presets}){hint}")
 
 
 def load_tokenizer(name: str, model_name: str):

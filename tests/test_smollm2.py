@@ -210,3 +210,11 @@ def test_rag_generator_prompt_goes_through_the_chat_template(smol_env):
     text = chat_text(tok, "Context: x\nQuestion: y\nAnswer:")
     assert text.startswith("<|im_start|>system\n") and text.endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
     assert chat_text(load_tokenizer("llama-tiny", "llama-tiny"), "plain") == "plain"
+
+
+def test_hub_ids_offline_point_to_the_converted_preset(monkeypatch):
+    from tasks.causal_lm import check_loadable
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for hub_id in smollm2.HUB_IDS:  # online they take the ordinary hub path (the originals)
+        with pytest.raises(LabsError, match=rf"{hub_id}.*HF_HUB_OFFLINE=1.*'smollm2-135m'"):
+            check_loadable(hub_id, "smollm2-135m")
