@@ -23,13 +23,12 @@ from launcher.common.errors import LabsError
 from launcher.common.proc import clear_stale_build_locks, free_port, port_free, remove_shm
 from launcher.common.run_dir import EXIT_STOPPED, REPO, STOP_FILE, written
 from launcher.common.text import mask
-from launcher.estimate.shape import count_params
 from launcher.launch import supervise
 from launcher.launch.backends import build_command, check_ssh, check_tools
 from launcher.launch.make_plan import make_plan, write_run_files
 from launcher.launch.render import render
 from launcher.launch.slurm import render_slurm_script
-from tasks.presets import PRESETS, VOCAB
+from tasks.presets import PRESETS, describe
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -220,9 +219,8 @@ def _submit_slurm(plan, env: dict[str, str], detach: bool) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    for name, cfg in PRESETS.items():
-        total, _ = count_params(cfg, VOCAB[cfg["tokenizer"]])
-        print(f"{name:<12} {cfg['arch']:<6} {total / 1e6:7.1f}M params  tokenizer {cfg['tokenizer']}")
+    for name in PRESETS:
+        print(describe(name))
     return 0
 
 

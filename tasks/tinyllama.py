@@ -4,6 +4,7 @@
     labs launch jobs/tinyllama_lora.yaml                             # 2 ranks, ZeRO-2
     labs launch jobs/tinyllama_lora_zero3.yaml                       # 2 ranks, ZeRO-3
     labs launch jobs/tinyllama_lora.yaml --set model.name=TinyLlama/TinyLlama-1.1B-Chat-v1.0  # online
+    labs launch jobs/tinyllama_lora_smollm2.yaml --data_dir ../shared/data   # pretrained SmolLM2-135M, offline
 
 Model and data come from the fine_tune lab (tasks.causal_lm.build_causal_lm, tasks.fine_tune's
 token blocks); LoRA wraps the attention and MLP projections, so only ~1% of the parameters train
@@ -50,7 +51,13 @@ def build(job: Job, options: TinyLlamaOptions, dry_run: bool = False) -> TaskPar
 def export(parts: TaskParts, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
 
     export_lora(parts.model, parts.tokenizer, state_dict, out_dir, auto_class=AutoModelForCausalLM,
-                base_is_preset=parts.extra["model_name"] in PRESETS, merge=parts.extra["options"].merge)
+                base_is_preset=_built_from_config(parts.extra["model_name"]), merge=parts.extra["options"].merge)
+
+
+def _built_from_config(name: str) -> bool:
+    """A preset built from config has its base weights nowhere else (hf/base is written); a pretrained
+    preset (smollm2-135m) loads from its cached folder, which the adapter's config names."""
+    return name in PRESETS and not PRESETS[name].get("weights")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ LAYERS = {"common": 0, "config": 1, "estimate": 2, "catalogue": 3, "mid": 4, "la
           "top": 7}
 LABS_PROCESS = {"common", "config", "estimate", "catalogue", "mid", "launch"}  # no torch at module level
 NEVER = {"launch": {"work", "rank"}, "work": {"launch", "rank"}, "rank": {"launch"}}
-CATALOGUE = {"tasks", "tasks.api", "tasks.registry", "tasks.options", "tasks.presets", "tasks.data_check"}
+CATALOGUE = {"tasks", "tasks.api", "tasks.registry", "tasks.options", "tasks.presets", "tasks.data_check", "tasks.smollm2",
+             "tasks.model_cache"}
 MID = {"launcher.resolve", "launcher.checkpoint.store", "launcher.parallel"}
 
 

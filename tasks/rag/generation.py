@@ -24,10 +24,21 @@ def build_prompt(question: str, passages: list[Passage], max_chars: int = 1500) 
     return ("Answer the question using only the context.\n\nContext:\n" + "\n".join(ctx)
             + f"\n\nQuestion: {question}\nAnswer:")
 
+
+def chat_text(tok, prompt: str) -> str:
+    """The prompt as the user's turn of the tokenizer's chat template, the assistant's turn opened (an
+    instruction-tuned model such as smollm2-135m answers there); unchanged for a tokenizer without one."""
+    if not getattr(tok, "chat_template", None):
+        return prompt
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+
+
 class Generator:
     """A causal LM that answers a prompt greedily: `generator(prompt) -> text` (the generator hook;
     `generate_ids` gives the token ids). The model is a hub id, a local folder (runs/<job>/<run>/hf)
-    or a preset built from config (random weights from `seed`, the same on every rank and run).
+    or a preset: pretrained (smollm2-135m) or built from config (random weights from `seed`, the same
+    on every rank and run). A model whose tokenizer has a chat template gets the prompt through it
+    (`chat_text`); it stops at its end-of-turn token.
 
     tp_size 1: the plain Hugging Face model on this process. tp_size N > 1, inside an N-rank launch
     (deepspeed / torchrun): `deepspeed.init_inference` with AutoTP splits each attention and MLP
@@ -62,7 +73,10 @@ class Generator:
             box = [prompt]
             dist.broadcast_object_list(box, src=0)
             prompt = box[0]
-        ids = self.tok(prompt, return_tensors="pt")["input_ids"][:, -(self.limit - self.max_new_tokens):]
+        text = chat_text(self.tok, prompt)
+        special = text == prompt  # a chat template writes the special tokens itself
+        ids = self.tok(text, return_tensors="pt", add_special_tokens=special)["input_ids"]
+        ids = ids[:, -(self.limit - self.max_new_tokens):]
         with torch.no_grad():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
                                       do_sample=False, pad_token_id=self.tok.pad_token_id)
