@@ -44,7 +44,7 @@ def runner_env(plan: Plan) -> dict[str, str]:
         # The venv's bin first: its ninja builds DeepSpeed's ops; a second ninja version on PATH
         # (e.g. /usr/bin) hashes commands differently and forces rebuilds of the shared cache.
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }

@@ -55,6 +55,12 @@ class EngineAccess:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0]) if self.engine.get_lr() else 0.0
 
+    def grad_norm(self) -> float | None:
+        """The global gradient norm of the last update, before clipping (track_grad_norm)."""
+        norm = self.engine.get_global_grad_norm()  # ZeRO 1-3, bf16: DeepSpeed's own
+        norm = getattr(self.engine, "labs_grad_norm", None) if norm is None else norm
+        return None if norm is None else float(norm)
+
     def layout_key(self) -> dict[str, Any]:
         """This engine's checkpoint layout (checkpoints.layout_key)."""
         e = self.engine
@@ -130,6 +136,57 @@ class EngineAccess:
         return client
 
 
+def track_grad_norm(engine) -> None:
+    """Clip an fp32 engine without ZeRO by the global gradient norm in fp64, and keep that norm (before
+    clipping) for metrics.jsonl; ZeRO 1-3 and bf16 keep theirs (`get_global_grad_norm`).
+
+    DeepSpeed clips such an engine with `runtime.utils.clip_grad_norm_`, which takes each parameter's norm
+    in fp32, and torch's CPU fp32 `norm()` of a large tensor is not exact: llama-tiny's 2M-element
+    lm_head gradient came out 5.9e-5 low (1.015041 vs 1.015101 in fp64; `pow(2).sum()` gets it right).
+    ZeRO 1-3 take the norms in fp64 (`get_norm_dtype()`), so ZeRO-0 (and the pipeline engine) clipped by
+    another factor than ZeRO-1/2/3: their runs drifted apart (docs/strategies.md, "ZeRO-0 vs ZeRO>=1").
+    This is DeepSpeed's clip_grad_norm_ (the same parameters counted, summed over `mpu`'s model-parallel
+    group: pipeline stages, tensor slices; averaged over data parallel) with fp64 norms and ZeRO's clip
+    factor; without clipping the norm is only measured."""
+    if hasattr(engine.optimizer, "_global_grad_norm"):
+        return
+    take = engine._take_model_step
+
+    def clip_fp32_gradients() -> None:
+        engine.labs_grad_norm = clip_grad_norm_fp64(engine, engine.gradient_clipping())
+
+    def take_model_step(*args, **kwargs):
+        if not engine.gradient_clipping() > 0.0:
+            engine.labs_grad_norm = clip_grad_norm_fp64(engine, 0.0)
+        return take(*args, **kwargs)
+
+    engine.clip_fp32_gradients, engine._take_model_step = clip_fp32_gradients, take_model_step
+
+
+def clip_grad_norm_fp64(engine, max_norm: float) -> float:
+    """The global gradient norm (see track_grad_norm); gradients scaled to max_norm when above it (> 0)."""
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+    from deepspeed.utils import groups
+    mpu = engine.mpu
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None
+             and (mpu is None or mpu.get_model_parallel_rank() == 0 or is_model_parallel_parameter(p))]
+    total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else device())
+    for g in grads:
+        total += torch.linalg.vector_norm(g.detach().double()) ** 2
+    if mpu is not None:
+        dist.all_reduce(total, group=mpu.get_model_parallel_group())
+    pg = groups._get_data_parallel_group()
+    total = total.sqrt() / dist.get_world_size(group=pg)
+    dist.all_reduce(total, group=pg)
+    norm = float(total)
+    clip = (norm + 1e-6) / max_norm if max_norm > 0 else 0.0
+    if clip > 1:
+        for p in engine.module.parameters():
+            if p.grad is not None:
+                p.grad.data.mul_(1.0 / clip)
+    return norm
+
+
 class DataParallel(EngineAccess):
     """Every rank holds the model (ZeRO shards optimizer/grads/params by stage) and reads its own
     slice of each global batch; DeepSpeed averages gradients across ranks."""
@@ -142,6 +199,7 @@ class DataParallel(EngineAccess):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+        track_grad_norm(self.engine)
         self.layout = layout
         self.stage = self.engine.zero_optimization_stage()
         self.meter = StateMeter(self.engine)
@@ -339,6 +397,7 @@ class PipelineParallel(EngineAccess):
         self.prepare(pipe)
         params = [p for p in pipe.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=pipe, model_parameters=params, config=config)
+        track_grad_norm(self.engine)
         self.stage = self.engine.zero_optimization_stage()
         self.meter = StateMeter(self.engine)
         self.layer_names = [x.typename.__name__ if hasattr(x, "typename") else type(x).__name__ for x in layers]

@@ -308,6 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if step % job.train.log_every == 0 or step == total:
                 from launcher import mfu  # FLOPs/token and the peak: worked out (and logged) at the first call
                 metrics.write({"kind": "train", "step": step, "epoch": epoch, "loss": loss, "lr": strategy.lr(),
+                               "grad_norm": strategy.grad_norm(),
                                "tokens_per_s": tokens / dt_step, "step_time_s": dt_step,
                                **mfu.train_fields(parts.model, micro, cfg, layout, tokens, dt_step)})
                 log.debug("step %d loss %.5f", step, loss)
