@@ -16,8 +16,9 @@ from equivalence import STEPS, assert_caught, assert_equivalent, hostfile, run
 
 pytestmark = pytest.mark.distributed
 
-# Measured (2 cores, fp32, 10 steps), largest relative differences from 1 rank (loss / grad norm / params):
-TOL = 1e-5  # ZeRO-0: 2e-7 / 1e-7 / 1.5e-6;  the others: see MEASURED in docs/strategies.md "The proofs"
+# Measured (fp32, 10 steps), largest relative differences from 1 rank, loss / grad norm / weights: every ZeRO
+# stage, offload, checkpointing and the resume <= 1.0e-7 / 1.5e-7 / 1.5e-6 (docs/strategies.md "The proofs")
+TOL = 1e-5
 CKPT = ("ds.activation_checkpointing.partition_activations=true",)
 GRADIENT_REDUCTIONS = "all_reduce,reduce,reduce_scatter_tensor"  # whichever the ZeRO stage uses
 
@@ -67,11 +68,12 @@ def test_resume_under_another_layout_equals_one_rank(one_rank, tmp_path):
 
 # ---------------------------------------------------------------- planted faults: the check must fail
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_a_gradient_off_by_1e4_on_one_rank_is_caught(stage, one_rank, tmp_path):
+def test_a_gradient_off_by_1e4_on_one_rank_is_caught(one_rank, tmp_path):
     """Rank 1's gradient contribution scaled by 1 + 1e-4 in every gradient reduction (the averaged
-    gradient off by 5e-5): AdamW's update hardly changes (it normalises a constant factor away), and the
-    old loss-only checks passed with a 100 x larger error. The gradient norm shows it at every step."""
-    rd = run(tmp_path, f"ds_configs/zero{stage}.json", 2, fault={"LABS_FAULT": GRADIENT_REDUCTIONS + ":scale:1e-4"})
+    gradient off by 5e-5). Measured: the losses move by 9e-7 only (inside the tolerance: a loss check alone
+    passes, as the old ones did with a 100 x larger error), the gradient norm by 8.7e-5 from the first step,
+    the final weights by 7.9e-4.
+    Under ZeRO-2 (reduce / reduce-scatter of partitions); ZeRO-0's all-reduce measured the same (norm 8.7e-5)."""
+    rd = run(tmp_path, "ds_configs/zero2.json", 2, fault={"LABS_FAULT": GRADIENT_REDUCTIONS + ":scale:1e-4"})
     d = assert_caught(rd, one_rank, TOL, factor=3)
     assert d.first_step["grad_norm"] == 1, d  # seen at the first update already
