@@ -97,20 +97,6 @@ def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def assert_same_losses(run_dir: Path, ref_dir: Path, steps: int, rel_tol: float) -> float:
-    """Every step's training loss and the last evaluation's loss of a sharded run equal the 1-rank
-    reference's within rel_tol (the last step's update is seen only by the evaluation: it checks the
-    gradients of all steps); returns the largest relative difference."""
-    got = [r["loss"] for r in read_metrics(run_dir)]
-    want = [r["loss"] for r in read_metrics(ref_dir)]
-    assert len(got) == len(want) == steps
-    for step, (a, b) in enumerate(zip(got, want, strict=True), 1):
-        assert abs(a - b) <= rel_tol * abs(b), f"step {step}: sharded {a} vs 1 rank {b}"
-    ev, ev_ref = read_metrics(run_dir, "eval")[-1]["eval_loss"], read_metrics(ref_dir, "eval")[-1]["eval_loss"]
-    assert abs(ev - ev_ref) <= rel_tol * ev_ref, f"eval: sharded {ev} vs 1 rank {ev_ref}"
-    return max(abs(a - b) / b for a, b in zip(got + [ev], want + [ev_ref], strict=True))
-
-
 def min_world(cfg: dict) -> int:
     """tp x pp x sp of a DeepSpeed config: the fewest ranks it runs on (the rest is data parallel)."""
     tp = int((cfg.get("tensor_parallel") or {}).get("autotp_size") or 1)
@@ -165,3 +151,11 @@ def bf16_cpu(tmp_path, monkeypatch):
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
     monkeypatch.setattr("launcher.config.ds.optim.CPUINFO", info)
     return info
+
+
+@pytest.fixture(scope="session")
+def one_rank(ds_ops, tmp_path_factory) -> Path:
+    """The reference of every equivalence test (tests/equivalence.py): ONE rank, ZeRO-0, micro batch 2 x 4
+    accumulation steps = the global batch of 8 that every parallel run reads; run once per session."""
+    from equivalence import run
+    return run(tmp_path_factory.mktemp("one_rank"), "ds_configs/zero0.json", 1, "ds.gradient_accumulation_steps=4")

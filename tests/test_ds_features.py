@@ -1,5 +1,5 @@
 """DeepSpeed config sections that are honoured, shown doing what they say: activation checkpointing
-lowers the measured peak memory (same loss), and the monitors, the flops profiler and the comms
+lowers the measured peak memory (its equivalence to plain training: tests/test_equivalence_*.py), and the monitors, the flops profiler and the comms
 logger write into the run folder (not the shell's working folder)."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_activation_checkpointing_lowers_peak_memory(ds_ops, tmp_path):
     data = _text(tmp_path / "text.txt")
     plain = _one_process(tmp_path / "plain", data)
     ckpt = _one_process(tmp_path / "ckpt", data, "ds.activation_checkpointing.partition_activations=true")
-    assert ckpt["losses"] == pytest.approx(plain["losses"], rel=1e-5)  # recomputed, not changed
+    # that recomputing changes no gradient: tests/test_equivalence_*.py, over 10 real updates per strategy
     saved = plain["ranks"][0]["peak_rss_bytes"] - ckpt["ranks"][0]["peak_rss_bytes"]
     assert saved > 100 * 2**20, f"activation checkpointing saved only {saved / 2**20:.0f} MiB of peak RSS"
 

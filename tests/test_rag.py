@@ -85,37 +85,88 @@ def test_squad_questions_load():
 
 # ---------------------------------------------------------------- "no passage answers this"
 
+FIXTURES = SHARED_DATA / "fixtures"
 
-def test_off_topic_questions_get_no_answer_and_the_samples_questions_answers(rag_store):
-    """The default threshold on the built-in passages: all 12 of their questions are answered from the
-    right passage, all 60 off-topic questions get NO_ANSWER (calibration figures in docs/labs.md)."""
-    from tasks.rag import answer
-    from tasks.rag.evaluation import evaluate
-    from tasks.rag.passages import BUILTIN_QUESTIONS, OFF_TOPIC_QUESTIONS, load_questions
-    from tasks.rag.threshold import NO_ANSWER
-    emb, store = rag_store
-    on, off = load_questions(str(BUILTIN_QUESTIONS)), load_questions(str(OFF_TOPIC_QUESTIONS))
+
+def _questions(store_name: str):
+    from tasks.rag import BUILTIN_QUESTIONS, OFF_TOPIC_QUESTIONS, load_questions
+    on = load_questions(str(BUILTIN_QUESTIONS if store_name == "builtin" else FIXTURES / "rag_qa.jsonl"))
+    off = load_questions(str(OFF_TOPIC_QUESTIONS))
     assert len(off) == 60 and all(q.no_answer and not q.answers and q.doc_id is None for q in off)
-    m = evaluate(store, emb, on + off, k=5, min_score=0.37)
-    assert m["answerable_refused"] == 0.0 and m["no_answer_refused"] == 1.0
-    assert m["hit@1"] == 1.0 and m["extractive_contains_gold"] >= 0.9
-    assert m["relevance"]["answerable"]["min"] >= 0.37 > m["relevance"]["no_answer"]["max"]
-    for q in ("What is the capital of France?", "Who painted the Mona Lisa?"):
-        r = answer(store, emb, q, k=3, min_score=0.37)
+    return on, off
+
+
+def _store(store_name: str, rag_store, tmp_path):
+    if store_name == "builtin":
+        return rag_store
+    if not (FIXTURES / "rag_docs.jsonl").is_file():
+        pytest.skip(f"{FIXTURES} not present")
+    from tasks.rag import build_store
+    emb = rag_store[0]
+    return emb, build_store([str(FIXTURES / "rag_docs.jsonl")], emb, "flat", tmp_path / "i", log=lambda *_, **__: None)
+
+
+@pytest.mark.parametrize("part", [0, 1])
+def test_threshold_calibrated_on_one_split_holds_on_the_other(part, rag_store, tmp_path):
+    """tasks/rag/threshold.py `calibrate` on every other question of both stores (the built-in passages and
+    the shared SQuAD fixture; answerable and off-topic alike), then the held-out other half: answerable
+    questions answered, off-topic ones refused; both halves take their turn as the held-out one.
+    The two groups nearly touch (the weakest built-in question scores 0.378, the strongest off-topic one over
+    the fixture 0.282; over all of SQuAD they overlap, docs/labs.md), so half of these few questions does
+    not pin the threshold down. Measured (all-MiniLM-L6-v2): calibrated on part 0, 0.379: held out, 1 of 6
+    built-in answerable questions refused (0.378), every off-topic one refused, the fixture perfect (balanced
+    accuracy 0.917 / 1.0); on part 1, 0.279: 1 of 30 off-topic questions over the fixture answered (0.983),
+    the built-in perfect. Asserted: held-out balanced accuracy >= 0.9 on each store."""
+    from tasks.rag import evaluate
+    from tasks.rag.threshold import calibrate, split, top_relevance
+    stores = [(name, *_store(name, rag_store, tmp_path)) for name in ("builtin", "squad_fixture")]
+    on_scores, off_scores = [], []
+    for name, emb, store in stores:
+        on, off = _questions(name)
+        on_scores += top_relevance(store, emb, split(on, part))
+        off_scores += top_relevance(store, emb, split(off, part))
+    t = calibrate(on_scores, off_scores)
+    for name, emb, store in stores:
+        on, off = _questions(name)
+        m = evaluate(store, emb, split(on, 1 - part) + split(off, 1 - part), k=5, min_score=t)
+        print(f"\ncalibrated on part {part}: {t:.3f}; held out, {name}: answerable refused "
+              f"{m['answerable_refused']:.3f}, off-topic refused {m['no_answer_refused']:.3f}")
+        assert (1 - m["answerable_refused"] + m["no_answer_refused"]) / 2 >= 0.9, (name, t, m)
+
+
+@pytest.mark.parametrize("store_name", ["builtin", "squad_fixture"])
+def test_default_threshold_on_the_held_out_off_topic_questions(store_name, rag_store, tmp_path):
+    """DEFAULT_MIN_SCORE was chosen on the 1st, 3rd, ... off-topic question (docs/labs.md): the other 30,
+    never used to choose it, are refused; the stores' answerable questions are answered, from the right
+    passage for the built-in ones."""
+    from tasks.rag import DEFAULT_MIN_SCORE, NO_ANSWER, answer, evaluate
+    from tasks.rag.threshold import split
+    emb, store = _store(store_name, rag_store, tmp_path)
+    on, off = _questions(store_name)
+    m = evaluate(store, emb, on + split(off, 1), k=5, min_score=DEFAULT_MIN_SCORE)
+    assert m["answerable_refused"] == 0.0 and m["no_answer_refused"] == 1.0, m
+    if store_name == "builtin":
+        assert m["hit@1"] == 1.0 and m["extractive_contains_gold"] >= 0.9
+        r = answer(store, emb, "What is the capital of France?", k=3, min_score=DEFAULT_MIN_SCORE)
         assert not r["answered"] and r["extractive_answer"] == NO_ANSWER and r["extractive_source"] is None, r
-        assert r["relevance"] < 0.37 and len(r["sources"]) == 3  # the nearest passages are still listed
-    r = answer(store, emb, "What does LoRA freeze?", k=3, min_score=0.37)
-    assert r["answered"] and r["extractive_source"] == "lora" and r["relevance"] >= 0.37
+        assert len(r["sources"]) == 3  # the nearest passages are still listed
+
+
+def test_calibrate_picks_the_middle_of_the_widest_separating_gap():
+    from tasks.rag.threshold import calibrate
+    assert calibrate([0.5, 0.6, 0.9], [0.1, 0.2, 0.3]) == pytest.approx(0.4)
+    # overlapping groups: 0.275 and 0.55 both reach balanced accuracy 5/6; the wider gap (0.2 - 0.35) wins
+    assert calibrate([0.35, 0.6, 0.7], [0.1, 0.2, 0.5]) == pytest.approx(0.275)
+    assert calibrate([0.6, 0.7], [0.65]) in (pytest.approx(0.625), pytest.approx(0.675))
 
 
 def test_min_score_option_default_and_off(tmp_path, capsys):
     from tasks.rag.cli import main
     from tasks.rag.threshold import DEFAULT_MIN_SCORE
     index = str(tmp_path / "index")
-    assert DEFAULT_MIN_SCORE == 0.37
     assert main(["--dry_run", "--index_dir", index, "--query", "What is the capital of France?", "-k", "2"]) == 0
     out = capsys.readouterr().out
-    assert "no passage answers this (relevance" in out and "< --min_score 0.37)" in out and "nearest passages:" in out
+    assert "no passage answers this (relevance" in out and f"< --min_score {DEFAULT_MIN_SCORE})" in out and "nearest passages:" in out
     assert main(["--index_dir", index, "--query", "What is the capital of France?", "--min_score", "0"]) == 0
     out = capsys.readouterr().out
     assert "extractive answer:" in out and "no passage answers this" not in out
@@ -145,25 +196,6 @@ def test_ivf_index_gives_the_same_relevance(rag_store, tmp_path):
     assert relevance(ivf, qv, q, 3) == pytest.approx(relevance(flat, qv, q, 3), abs=1e-5)
 
 
-FIXTURES = SHARED_DATA / "fixtures"
-
-
-@pytest.mark.skipif(not (FIXTURES / "rag_docs.jsonl").is_file(), reason=f"{FIXTURES} not present")
-def test_threshold_on_the_shared_squad_fixture(tmp_path):
-    """12 SQuAD passages (Normans ...) with their 30 questions: all answered; the off-topic ones refused,
-    "What is the capital of France?" too (the Normans' passages talk about France)."""
-    from tasks.rag.embedding import Embedder
-    from tasks.rag.evaluation import evaluate
-    from tasks.rag.index import build_store
-    from tasks.rag.passages import OFF_TOPIC_QUESTIONS, load_questions
-    emb = Embedder()
-    store = build_store([str(FIXTURES / "rag_docs.jsonl")], emb, "flat", tmp_path / "i", log=lambda *_, **__: None)
-    qs = load_questions(str(FIXTURES / "rag_qa.jsonl")) + load_questions(str(OFF_TOPIC_QUESTIONS))
-    m = evaluate(store, emb, qs, k=5, min_score=0.37)
-    assert m["relevance"]["answerable"]["n"] == 30 and m["answerable_refused"] == 0.0
-    assert m["no_answer_refused"] == 1.0
-
-
 # ---------------------------------------------------------------- progress
 
 
@@ -189,10 +221,11 @@ def test_progress_bar_on_rank_0_in_a_terminal_only(monkeypatch):
 
 
 def test_build_and_eval_end_with_a_line_of_counts(tmp_path, capsys):
+    from tasks.rag import DEFAULT_MIN_SCORE
     from tasks.rag.cli import main
     assert main(["--dry_run", "--index_dir", str(tmp_path / "i")]) == 0
     out = capsys.readouterr().out
     assert "embedding 12 passages and 36 sentences with all-MiniLM-L6-v2 into a flat index" in out
     assert "built flat index of 12 passages (36 sentences) in " in out
     assert ("evaluated 72 questions (12 answerable, 60 without an answer) in " in out
-            and "below --min_score 0.37: 0 answerable and 60 without an answer refused" in out)
+            and f"below --min_score {DEFAULT_MIN_SCORE}: 0 answerable and 60 without an answer refused" in out)

@@ -54,6 +54,12 @@ class EngineAccess:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0]) if self.engine.get_lr() else 0.0
 
+    def grad_norm(self) -> float | None:
+        """The global gradient norm of the last update, before clipping (launcher/parallel/grad_norm.py)."""
+        norm = self.engine.get_global_grad_norm()  # ZeRO 1-3, bf16: DeepSpeed's own
+        norm = getattr(self.engine, "labs_grad_norm", None) if norm is None else norm
+        return None if norm is None else float(norm)
+
     def layout_key(self) -> dict[str, Any]:
         """This engine's checkpoint layout (layout_key)."""
         e = self.engine

@@ -17,6 +17,7 @@ from launcher.checkpoint.convert import check_whole
 from launcher.common.layout import Layout
 from launcher.config.ds.load import wants_activation_checkpointing
 from launcher.parallel.base import EngineAccess, dp_mean
+from launcher.parallel.grad_norm import track_grad_norm
 from launcher.parallel.meter import StateMeter
 
 
@@ -31,6 +32,7 @@ class DataParallel(EngineAccess):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+        track_grad_norm(self.engine)
         self.layout = layout
         self.stage = self.engine.zero_optimization_stage()
         self.meter = StateMeter(self.engine)

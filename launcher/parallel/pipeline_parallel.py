@@ -18,6 +18,7 @@ from launcher.common.layout import Layout
 from launcher.common.proc import device
 from launcher.config.ds.load import wants_activation_checkpointing
 from launcher.parallel.base import EngineAccess
+from launcher.parallel.grad_norm import track_grad_norm
 from launcher.parallel.layers.pipeline import causal_lm_loss, pipeline_layers
 from launcher.parallel.meter import StateMeter
 
@@ -81,6 +82,7 @@ class PipelineParallel(EngineAccess):
         self.prepare(pipe)
         params = [p for p in pipe.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=pipe, model_parameters=params, config=config)
+        track_grad_norm(self.engine)
         self.stage = self.engine.zero_optimization_stage()
         self.meter = StateMeter(self.engine)
         self.layer_names = [x.typename.__name__ if hasattr(x, "typename") else type(x).__name__ for x in layers]

@@ -264,6 +264,7 @@ def step_once(r: Run, micro: list[dict[str, torch.Tensor]], epoch: int, total: i
         raise RuntimeError(f"loss became {r.loss} at step {r.step}")
     if r.step % r.job.train.log_every == 0 or r.step == total:
         r.metrics.write({"kind": "train", "step": r.step, "epoch": epoch, "loss": r.loss, "lr": r.strategy.lr(),
+                         "grad_norm": r.strategy.grad_norm(),
                          "tokens_per_s": tokens / dt_step, "step_time_s": dt_step,
                          **mfu.train_fields(r.parts.model, micro, r.cfg, r.layout, tokens, dt_step)})
         log.debug("step %d loss %.5f", r.step, r.loss)

@@ -48,3 +48,34 @@ def relevance(store, qvec: np.ndarray, question: str, passage: int) -> float:
 def passage_cosine(store, qvec: np.ndarray, passage: int) -> float:
     """The passage vector's cosine to the question (its vector read back from the FAISS index)."""
     return float(store.index.reconstruct(int(passage)) @ qvec)
+
+
+def top_relevance(store, embedder, questions) -> list[float]:
+    """Each question's relevance of its top passage (re-ranked, as `answer` and `evaluate` retrieve)."""
+    qvecs = embedder.encode([q.question for q in questions], desc="embed questions")
+    _, ids = store.search(qvecs, 5, True)
+    return [relevance(store, qv, q.question, int(row[0])) if row[0] >= 0 else float("-inf")
+            for q, qv, row in zip(questions, qvecs, ids, strict=True)]
+
+
+def split(items: list, part: int) -> list:
+    """Every other item from `part` (0: the 1st, 3rd, ...; 1: the 2nd, 4th, ...): the calibration split
+    and the held-out one (DEFAULT_MIN_SCORE was chosen on part 0 of the off-topic questions)."""
+    return items[part::2]
+
+
+def calibrate(answerable: list[float], no_answer: list[float]) -> float:
+    """The --min_score that best separates the two groups' relevances: the highest balanced accuracy
+    (share of answerable questions answered + share of the others refused, over 2); among equally good
+    thresholds, the middle of the widest gap between two scores (the largest margin on both sides)."""
+    if not answerable or not no_answer:
+        raise ValueError("calibration needs answerable questions and questions without an answer")
+    values = sorted(set(answerable) | set(no_answer))
+    cuts = [(lo + hi) / 2 for lo, hi in zip(values, values[1:], strict=False)] or values
+
+    def accuracy(t: float) -> float:
+        return (sum(s >= t for s in answerable) / len(answerable) + sum(s < t for s in no_answer) / len(no_answer)) / 2
+
+    best = max(accuracy(t) for t in cuts)
+    gaps = [(hi - lo, (lo + hi) / 2) for lo, hi in zip(values, values[1:], strict=False) if accuracy((lo + hi) / 2) == best]
+    return max(gaps)[1] if gaps else cuts[0]
