@@ -225,8 +225,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 # Subcommands that own their whole argument list: `labs NAME ...` runs MODULE.main(argv).
-DELEGATED = {"rag": "tasks.rag", "compare": "launcher.compare", "peak": "launcher.mfu",
-             "export": "launcher.export", "merge": "launcher.export:main_merge", "runs": "launcher.runs",
+DELEGATED = {"rag": "tasks.rag", "compare": "launcher.tools.compare", "peak": "launcher.tools.peak",
+             "export": "launcher.tools.export", "merge": "launcher.tools.export:main_merge", "runs": "launcher.tools.runs",
              "serve": "launcher.serve_cli"}
 """`labs NAME ...` -> MODULE.main(argv), or MODULE:FUNCTION(argv)."""
 

@@ -29,7 +29,7 @@ def framework_baseline(measure: bool = True) -> tuple[int | None, str]:
         return c["bytes"], f"{c['source']}, {c['when'][:10]}, cached"
     if not measure:
         return None, "not measured yet"
-    code = "from launcher.memory import import_framework, rss_now; import_framework(); print(rss_now())"
+    code = "from launcher.rank.meters import import_framework, rss_now; import_framework(); print(rss_now())"
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                              cwd=REPO,
