@@ -225,7 +225,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 # Subcommands that own their whole argument list: `labs NAME ...` runs MODULE.main(argv).
-DELEGATED = {"rag": "tasks.rag", "compare": "launcher.tools.compare", "peak": "launcher.tools.peak",
+DELEGATED = {"rag": "tasks.rag.cli", "compare": "launcher.tools.compare", "peak": "launcher.tools.peak",
              "export": "launcher.tools.export", "merge": "launcher.tools.export:main_merge", "runs": "launcher.tools.runs",
              "serve": "launcher.serve_cli"}
 """`labs NAME ...` -> MODULE.main(argv), or MODULE:FUNCTION(argv)."""
