@@ -208,6 +208,10 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
         set_dotted(cfg, key, value)
     cfg = strip_comments(cfg)  # "_comment" keys: accepted, and not passed to DeepSpeed
     check_keys(cfg, job.ds_config)
+    if isinstance(cfg.get("compile"), dict) and not job.train.compile:  # DeepSpeed's engine.compile() options
+        job.train.compile = True
+        notes.append("compile: the config's compile section turns on train.compile (the ranks call DeepSpeed's "
+                     "engine.compile(), which reads the section)")
     hf = select(load_hostfile(_abs(job.hostfile)), job.cluster.include, job.cluster.exclude)
     hf = _trim_hosts(hf, job)
     if world is None:  # in a rank the launcher already chose; here the backend must fit the hosts

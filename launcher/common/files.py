@@ -141,6 +141,20 @@ class _BoundedLoader(yaml.SafeLoader):
         self._sizes[id(node)] = 1 + sum(self._sizes[id(c)] for c in children)
         return node
 
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        """A key twice in one mapping is refused (YAML's loaders keep the second silently)."""
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is None:
+                continue
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _YamlLimit(f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); the second "
+                                 f"would silently win: keep one", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
     def _add(self, values: int, mark: yaml.Mark) -> None:
         self._total += values
         if self._total > YAML_MAX_NODES:

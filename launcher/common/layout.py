@@ -89,21 +89,39 @@ class Layout:
 
     @staticmethod
     def from_ds_config(cfg: dict[str, Any], world: int, path: str = "ds_config") -> Layout:
-        tp = int(cfg.get("tensor_parallel", {}).get("autotp_size", 1) or 1)
-        sp = cfg.get("sequence_parallel_size", 1)
-        if sp is None:
-            sp = 1
-        if not isinstance(sp, int) or isinstance(sp, bool) or sp < 1:
-            raise LabsError(f"{path}: sequence_parallel_size = {sp!r}; it must be a positive integer "
-                            f"(the ranks one sequence is split across)")
-        stages = cfg.get("pipeline", {}).get("stages", 1)
+        """The layout a DeepSpeed config asks for on `world` ranks; every section it reads is type- and
+        range-checked first (a malformed section is a LabsError naming the field, never a traceback)."""
+        tp_sec = _section(cfg, "tensor_parallel", path, '{"autotp_size": 2}')
+        pipe = _section(cfg, "pipeline", path, '{"stages": 2}')
+        tp = tp_sec.get("autotp_size", 1)
+        tp = _positive(1 if tp == 0 else tp, f"{path}: tensor_parallel.autotp_size",  # 0: DeepSpeed's "off"
+                       "the ranks each matrix is split across; 0 or 1: off", none_is=1)
+        sp = _positive(cfg.get("sequence_parallel_size", 1), f"{path}: sequence_parallel_size",
+                       "the ranks one sequence is split across", none_is=1)
+        stages = pipe.get("stages", 1)
         if stages == "auto":
             stages = world // (tp * sp)
-        if not isinstance(stages, int) or stages < 1:
-            raise LabsError(f"{path}: pipeline.stages = {stages!r}; it must be a positive integer")
+        stages = _positive(stages, f"{path}: pipeline.stages", "the pipeline's stages, or \"auto\"")
         try:
             return Layout(world=world, tp=tp, pp=stages, sp=sp)
         except LabsError as e:
             what = f"tensor_parallel.autotp_size = {tp}, pipeline.stages = {stages}"
             what += f", sequence_parallel_size = {sp}" if sp > 1 else ""
             raise LabsError(f"{path} ({what}): {e}") from None
+
+
+def _section(cfg: dict[str, Any], key: str, path: str, example: str) -> dict[str, Any]:
+    sec = cfg.get(key)
+    if sec is None:
+        return {}
+    if not isinstance(sec, dict):
+        raise LabsError(f"{path}: {key} = {sec!r}; it must be an object like {example} (or left out)")
+    return sec
+
+
+def _positive(value: Any, where: str, what: str, none_is: int | None = None) -> int:
+    if value is None and none_is is not None:
+        return none_is
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise LabsError(f"{where} = {value!r}; it must be a positive integer ({what})")
+    return value

@@ -10,6 +10,7 @@ characters no host name has, a byte-order mark, text that is not UTF-8.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from dataclasses import dataclass
@@ -22,7 +23,27 @@ DEEPSPEED_LINE = re.compile(r"^(\S+)\s+slots=(\d+)")
 """deepspeed/launcher/runner.py's pattern, used with re.search on the stripped line."""
 
 
-HOST_NAME = re.compile(r"[A-Za-z0-9_.:\-]+")
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+MAX_HOST_NAME = 253
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` is neither an IP address nor a host name (None when it is one): labels of letters, digits,
+    '-' and '_' (each 1-63 characters, not starting or ending with '-'), at most 253 characters in all. A
+    leading '-' would reach ssh and pdsh as an option."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if host.startswith("-"):
+        return "starts with '-' (ssh and pdsh would read it as an option)"
+    if len(host) > MAX_HOST_NAME:
+        return f"is {len(host)} characters long; a host name has at most {MAX_HOST_NAME}"
+    if not all(_LABEL.fullmatch(label) for label in host.removesuffix(".").split(".")):
+        return ("is not a host name; use letters, digits, '-' and '_' in dot-separated labels of 1-63 "
+                "characters (not starting or ending with '-'), or an IP address")
+    return None
 
 
 MAX_SLOTS = 1024
@@ -69,6 +90,21 @@ def _slots(path: str, lineno: int, host: str, digits: str) -> int:
     return int(digits)
 
 
+_REST = re.compile(r"(\s+max_slots=\d+)?\s*(#.*)?")
+
+
+def _check_rest(path: str, lineno: int, host: str, slots: str, rest: str) -> None:
+    """What follows `slots=N`: DeepSpeed's runner ignores it silently, so only MPI's `max_slots=N` and a
+    comment may stand there; `slots=1.5` (read as 1) or `gpus=1` (read as nothing) are refused."""
+    if _REST.fullmatch(rest):
+        return
+    if rest[:1] not in ("", " ", "\t"):
+        raise LabsError(f"{path}:{lineno}: host {_short(host)} has slots={slots}{_short(rest.split()[0])[1:-1]}; "
+                        f"slots must be a whole number of ranks (DeepSpeed would read {slots})")
+    raise LabsError(f"{path}:{lineno}: {_short(rest.strip())} after 'slots={slots}' is ignored by DeepSpeed's runner "
+                    f"(only slots=N counts); remove it, or put a note after '#'")
+
+
 def parse_hostfile(text: str, path: str = "<hostfile>") -> Hostfile:
     hosts: dict[str, int] = {}
     for lineno, raw in enumerate(_lines(text), 1):
@@ -79,9 +115,10 @@ def parse_hostfile(text: str, path: str = "<hostfile>") -> Hostfile:
         if not m:
             raise _bad_line(path, lineno, line)
         host = m[1]
-        if not HOST_NAME.fullmatch(host):
-            raise LabsError(f"{path}:{lineno}: host {_short(host)} is not a host name; use letters, digits, '.', '-', "
-                            f"'_' or an IP address (a comment goes after the slots: 'HOST slots=N  # note')")
+        if why := host_problem(host):
+            hint = " (a comment goes after the slots: 'HOST slots=N  # note')" if "not a host name" in why else ""
+            raise LabsError(f"{path}:{lineno}: host {_short(host)} {why}{hint}")
+        _check_rest(path, lineno, host, m[2], line[m.end():])
         slots = _slots(path, lineno, host, m[2])
         if host in hosts:
             raise LabsError(

@@ -19,7 +19,7 @@ from typing import Any
 
 from launcher.common.errors import LabsError
 from launcher.common.files import is_file, load_yaml, load_yaml_mapping
-from launcher.config.hostfile import HOST_NAME
+from launcher.config.hostfile import host_problem
 from launcher.config.schema import (
     NAME_RULE,
     PATH_RULE,
@@ -148,8 +148,8 @@ class ClusterSection:
     exclude: str = ""
     """Same syntax; these hosts (or slots) do not run. Not together with include."""
     ssh_port: int | None = checked(between(1, 65535, "a TCP port"), None)
-    master_addr: str | None = checked(Rule(lambda v: bool(HOST_NAME.fullmatch(v)), "it must be a host name or an "
-                                           "IP address (letters, digits, '.', '-', '_', ':')"), None)
+    master_addr: str | None = checked(Rule(lambda v: host_problem(v) is None, "it must be a host name or an IP "
+                                           "address (not starting with '-', at most 253 characters)"), None)
     """Address of rank 0 that every host can reach; default: DeepSpeed asks the first host (hostname -I)."""
     launcher: str = "pdsh"
     """ssh backend: pdsh (DeepSpeed's default) or openmpi (mpirun; needs mpi4py on every host)."""
@@ -204,7 +204,16 @@ def set_field(job: Job, name: str, value: Any, flag: str) -> None:
     setattr(job, name, value)
 
 
+NEEDED_SECTIONS = ("model", "data")
+"""Sections whose `null` is refused: they say what is trained on what (a null `train:` takes the defaults)."""
+
+
 def job_from_dict(data: dict[str, Any], path: str = "<job>") -> Job:
+    for key in NEEDED_SECTIONS:
+        if isinstance(data, dict) and key in data and data[key] is None:
+            raise LabsError(f"{path}: {key}: null (or a '{key}:' line with nothing under it) gives the section no "
+                            f"values; write its keys under it (e.g. '{key}: {{name: llama-tiny}}' for model), or "
+                            f"remove the line to take the defaults")
     job = build_section(Job, data, path, "")
     job.path = path
     return job
@@ -254,6 +263,9 @@ def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (
             jobs = sorted(str(x) for x in Path("jobs").glob("*.yaml"))
             raise LabsError(f"job file {show(spath)} does not exist; ready-made jobs: {', '.join(jobs)}")
         data = load_yaml_mapping(p, "job file")
+        if not data:
+            raise LabsError(f"{spath}: the job file is empty (or a null document); write at least "
+                            f"'task: fine_tune' (see jobs/demo.yaml), or run the lab without --job")
         data.setdefault("name", default_name(p))
     for key, value in parse_overrides(list(overrides)):
         _apply_override(data, key, value)

@@ -186,7 +186,7 @@ def build_section(cls: type, data: Any, path: str, prefix: str) -> Any:
     """An instance of the dataclass cls from a mapping, every key, type and rule checked; `prefix`
     names the section in messages ("train.")."""
     if data is None and prefix:
-        data = {}  # `train:` with every line commented out
+        data = {}  # `train:` with every line commented out (a null `model:` / `data:` is refused by the job)
     if not isinstance(data, dict):
         where = prefix.rstrip(".") or "the top level"
         raise LabsError(f"{path}: {where} must be a mapping (key: value lines), got {show(data)}")

@@ -182,10 +182,6 @@ REFUSED: dict[str, tuple[str, str]] = {
         "the hybrid engine switches a model between training and generation for RLHF (DeepSpeed-Chat); labs' "
         "tasks do not generate while training",
         "remove the section (or set \"enabled\": false)"),
-    "compile": (
-        "DeepSpeed compiles (torch.compile / DeepCompile) only when the script calls engine.compile(), which "
-        "labs' ranks do not",
-        "remove the section"),
     "weight_quantization": (
         "it is read by deepspeed.init_inference only (quantized inference weights); training ignores it",
         "remove the section"),

@@ -48,6 +48,7 @@ def validate(cfg: dict[str, Any], path: str, *, world: int, accelerator: str) ->
         if keys[-1] == "enabled" and not isinstance(value, bool):
             raise LabsError(f"{path}: {_dotted(keys)} = {value!r} is not a JSON boolean (DeepSpeed would read any "
                             f"non-empty value as true, or refuse it); write true or false")
+    _check_scalars(cfg, path)
     with _deepspeed(accelerator) as records:
         # keeps torch and DeepSpeed out of the labs process
         from deepspeed.runtime import config as ds_config
@@ -124,3 +125,22 @@ def check_keys(cfg: dict[str, Any], path: str) -> None:
             f"{path}: zero_optimization.stage = {stage!r}; ZeRO stage must be 0, 1, 2 or 3"
             + (" (a number: DeepSpeed would read true as 1)" if isinstance(stage, bool) else "")
         )
+
+
+SCALARS: dict[str, tuple[type | tuple[type, ...], float, str]] = {
+    "gradient_clipping": ((int, float), 0, "a number >= 0, the global gradient norm to clip to (0: no clipping)"),
+    "steps_per_print": ((int, float), 1, "a number >= 1, the optimizer steps between DeepSpeed's progress lines"),
+    "gradient_predivide_factor": ((int, float), 1e-30, "a number > 0"),
+}
+"""Top-level values DeepSpeed reads without checking them (`get_scalar_param`): `steps_per_print: 0` would
+divide by zero at the first step, `gradient_clipping: -1` or `[1.0]` would clip nothing or fail in the backward."""
+
+
+def _check_scalars(cfg: dict[str, Any], path: str) -> None:
+    for key, (kind, low, must) in SCALARS.items():
+        if key not in cfg or cfg[key] is None:
+            continue
+        v = cfg[key]
+        ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool)) and (kind is bool or v >= low)
+        if not ok:
+            raise LabsError(f"{path}: {key} = {_short(v)}; it must be {must}")
