@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from launcher.common.cache import cache_dir
 from launcher.common.errors import LabsError
 from launcher.common.proc import rank_environment, release_shm_buffers
 from launcher.config.job import Job
@@ -22,7 +23,7 @@ from launcher.config.schema import show
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LabsError", "Job", "show", "rank_environment", "TensorRows", "TaskParts", "stack_collate",
+__all__ = ["cache_dir", "LabsError", "Job", "show", "rank_environment", "TensorRows", "TaskParts", "stack_collate",
            "split_shapes", "release_shm_buffers"]
 
 

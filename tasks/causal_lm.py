@@ -25,8 +25,7 @@ from transformers import (
 )
 
 from tasks import smollm2
-from tasks.api import LabsError
-from tasks.model_cache import cache_dir
+from tasks.api import LabsError, cache_dir
 from tasks.presets import PRESETS, VOCAB, config_kwargs
 
 __all__ = ["build_causal_lm", "builtin_tokenizer", "cache_dir", "check_loadable", "load_tokenizer", "preset_config"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from launcher.common.files import sha256_file
+
 CHECKSUMS = "checksums.sha256"
 CONVERSION = "conversion.json"
 """What the folder was converted from and how long it took (covered by the checksums)."""
@@ -32,16 +33,6 @@ _VERIFIED: set[tuple] = set()
 """Folders this process found complete, keyed with every file's size and mtime: hashed once per process."""
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LABS_CACHE_DIR") or Path.home() / ".cache" / "llm-labs")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(folder: Path) -> list[str]:
@@ -49,7 +40,7 @@ def _files(folder: Path) -> list[str]:
 
 
 def write_checksums(folder: Path) -> None:
-    lines = [f"{sha256(folder / name)}  {name}\n" for name in _files(folder)]
+    lines = [f"{sha256_file(folder / name)}  {name}\n" for name in _files(folder)]
     tmp = folder / f".{CHECKSUMS}.tmp"
     tmp.write_text("".join(lines))
     tmp.rename(folder / CHECKSUMS)
@@ -76,7 +67,7 @@ def verify(folder: Path, expect: dict[str, Any] | None = None) -> str | None:
     if key in _VERIFIED:
         return None
     for name, digest in listed.items():
-        if sha256(folder / name) != digest:
+        if sha256_file(folder / name) != digest:
             return f"{name} does not match its sha256 in {CHECKSUMS} (corrupted)"
     if expect:
         try:

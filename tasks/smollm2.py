@@ -24,8 +24,9 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from launcher.common.cache import cache_dir
 from launcher.common.errors import LabsError
-from tasks.model_cache import CHECKSUMS, cache_dir, cached_folder, verify
+from tasks.model_cache import CHECKSUMS, cached_folder, verify
 from tasks.presets import NOT_CONFIG_KEYS, PRESETS, config_kwargs
 
 NAME = "smollm2-135m"

@@ -59,11 +59,11 @@ from launcher.checkpoint.store import (
     MOMENTS,
     Manifest,
     _atomic_write,
-    _sha256,
     estimate,
     problem,
 )
 from launcher.common.errors import LabsError
+from launcher.common.files import sha256_file
 
 
 def check_whole(state: dict, where: str) -> dict:
@@ -321,7 +321,7 @@ def consolidate(tag_dir: Path, manifest: Manifest, rename: dict[str, str] | None
     meta = {"format": FORMAT, "source_step": manifest.step, "source_layout": manifest.layout_key(),
             "source_offload": manifest.offload, "parameters": len(weights), "trained": len(moments["exp_avg"]),
             "elements": sum(v.numel() for v in weights.values()), "seconds": round(time.perf_counter() - t0, 2),
-            "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in FILES}}
+            "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in FILES}}
     _atomic_write(tmp / META, json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

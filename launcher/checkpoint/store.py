@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.common.errors import LabsError
+from launcher.common.files import sha256_file
 
 MANIFEST = "labs_manifest.json"
 
@@ -289,14 +290,6 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 FORMAT = 1
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def problem(tag_dir: Path) -> str | None:
     """Why `tag_dir/consolidated/` cannot be used (None: it is complete and intact)."""
     folder = tag_dir / FOLDER
@@ -312,7 +305,7 @@ def problem(tag_dir: Path) -> str | None:
         f = folder / name
         if not f.is_file() or f.stat().st_size != want["bytes"]:
             return f"{f} is missing or has another size than when it was written"
-        if _sha256(f) != want["sha256"]:
+        if sha256_file(f) != want["sha256"]:
             return f"{f} does not match its checksum (corrupted)"
     if sorted(meta.get("files", {})) != sorted(FILES):
         return f"{folder / META} lists other files than a conversion writes"

@@ -13,8 +13,13 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_dir() -> Path:
+    """$LABS_CACHE_DIR, default ~/.cache/llm-labs: what this machine keeps between runs."""
+    return Path(os.environ.get("LABS_CACHE_DIR") or Path.home() / ".cache" / "llm-labs")
+
+
 def baseline_file() -> Path:
-    return Path(os.environ.get("LABS_CACHE_DIR") or Path.home() / ".cache" / "llm-labs") / "memory_baseline.json"
+    return cache_dir() / "memory_baseline.json"
 
 
 def _baseline_key() -> str:
@@ -45,7 +50,7 @@ def store_baseline(rss: int, source: str) -> None:
 
 
 def cache_file() -> Path:
-    return Path(os.environ.get("LABS_CACHE_DIR") or Path.home() / ".cache" / "llm-labs") / "peak.json"
+    return cache_dir() / "peak.json"
 
 
 def cpu_model() -> str:

@@ -8,6 +8,7 @@ nested thousands of levels deep or numbers with thousands of digits.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -253,3 +254,12 @@ def load_json(path: str | Path, what: str, max_bytes: int = CONFIG_MAX_BYTES) ->
 def _kind(value: Any) -> str:
     return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(
         type(value), type(value).__name__)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read 4 MiB at a time (checkpoint conversions, converted model folders)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
