@@ -1,7 +1,7 @@
 """Typed task options (the `options:` section of a job), one dataclass per lab, with their ranges.
 
 Kept free of torch imports so that `labs plan` can check them in well under a second. A field's
-range sits next to it (`checked(rule, default)`, see launcher/job.py); `check_options` adds what
+range sits next to it (`checked(rule, default)`, see launcher/config/schema.py); `check_options` adds what
 needs the model's shape (sequence lengths against its positions, LoRA targets, encoder layers).
 """
 

@@ -12,7 +12,7 @@ and MLP matrices in its `mp_rank_<tp rank>` files. None of these loads under ano
 `consolidate` undoes the split on one process, from the files alone (the source files are
 memory-mapped; the result, fp32 weights and two moments, 12 bytes per trained parameter, is held
 once in memory), names every tensor as the HF model does (a pipeline's layers through the task's
-layer list, tasks/pipeline_layers.py; AutoTP shards joined along the dimension its
+layer list, launcher/parallel/layers/pipeline.py; AutoTP shards joined along the dimension its
 `universal_checkpoint_info` records), and writes into the checkpoint's folder, `step<N>/consolidated/`:
 
     weights.pt      every parameter in fp32 under its model name (frozen ones too: a LoRA base)
@@ -32,7 +32,7 @@ partitioned again; tensor parallel: its slice), the fp32 master copy and the two
 part it owns (DeepSpeed's `safe_set_full_*` for ZeRO-1/2/3 and the bf16 optimizer, the torch
 optimizer's state for plain ZeRO-0), Adam's step count, the scheduler and the counters.
 The sampler's position follows from the step: with the same global batch every step reads the
-same samples at any dp size (launcher/worker.py).
+same samples at any dp size (launcher/rank/train.py).
 
 Why not DeepSpeed's `ds_to_universal` + `"checkpoint": {"load_universal": true}`: its loader needs a
 ZeRO or bf16 optimizer on the loading side (plain fp32 ZeRO-0, the default here, has no universal

@@ -68,7 +68,7 @@ def layout_key(dp: int, tp: int, pp: int, zero_stage: int, precision: str, offlo
 
 NOT_CONVERTIBLE: tuple[str, ...] = ("sequence-parallel size",)
 """Layout keys a conversion cannot change: the sequence-parallel size (its ranks build their own groups
-around DeepSpeed's, launcher/sequence_parallel.py); dp, tp, pp, ZeRO stage, offload and precision convert."""
+around DeepSpeed's, launcher/parallel/sequence_parallel.py); dp, tp, pp, ZeRO stage, offload and precision convert."""
 
 
 def changes(was: dict[str, Any], will: dict[str, Any]) -> list[str]:

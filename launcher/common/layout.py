@@ -9,7 +9,7 @@ model; its Ulysses mesh: data, sequence):
     rank = ((pp_rank * dp + dp_rank) * sp + sp_rank) * tp + tp_rank
 
 Sequence parallelism combines with data parallelism only (tp = pp = 1): the model is whole on every
-rank and only the sequence is split (launcher/sequence_parallel.py).
+rank and only the sequence is split (launcher/parallel/sequence_parallel.py).
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def render(plan: Plan, verbose: bool = True) -> str:
     else:
         lines.append(f"== model-state memory: unknown until {job.model.name!r} is loaded")
     if predicted := plan_lines(plan, plan.memory_budget, verbose=True):
-        lines += ["", "== peak memory per rank (predicted: launcher/memory.py)", *predicted]
+        lines += ["", "== peak memory per rank (predicted: launcher/estimate/memory.py)", *predicted]
     if plan.notes:
         lines += [""] + [f"== {n}" for n in plan.notes]
     port = "chosen by you" if plan.port_given else "free now; another is taken if it is lost before the ranks bind it"

@@ -18,9 +18,6 @@ from launcher.parallel import (
 
 def build_strategy(model: Any, config: dict[str, Any], layout: Layout):
     """The chosen strategy wrapping `model` (inside a rank: this imports torch and DeepSpeed)."""
-    # function-level imports: they keep torch and DeepSpeed out of the `labs` process, which reads the table
-    pass
-
     files = {"data_parallel": data_parallel, "pipe_tensor_parallel": pipe_tensor_parallel,
              "pipeline_parallel": pipeline_parallel, "sequence_parallel": sequence_parallel,
              "tensor_parallel": tensor_parallel}

@@ -1,9 +1,9 @@
 """Pipeline x tensor x data parallelism in one job (`pipeline.stages` P, `tensor_parallel.autotp_size` T).
 
 The ranks form DeepSpeed's PipeModelDataParallelTopology (axes pipe, data, model; the model axis
-innermost, as launcher/layout.py orders them): P stages, each held by D data-parallel replicas of
+innermost, as launcher/common/layout.py orders them): P stages, each held by D data-parallel replicas of
 T tensor-parallel ranks. A rank builds only its stage's layers (the PipelineModule) and then slices
-every transformer block of that stage Megatron-style (tasks/tp_layers.py): attention heads and MLP
+every transformer block of that stage Megatron-style (launcher/parallel/layers/tensor.py): attention heads and MLP
 width split across the stage's T ranks, two all-reduces per block forward and two backward. Between
 stages DeepSpeed's pipeline engine sends the whole hidden state from each tensor rank to the same
 tensor rank of the next stage (and its gradient back). Gradients are averaged over the D replicas
@@ -56,7 +56,7 @@ class PipeTensorParallel(PipelineParallel):
         grid = pipe._grid
         self.tp_group, self.tp_rank = grid.get_slice_parallel_group(), grid.get_slice_parallel_rank()
         if self.tp_rank != self.layout.coords(dist.get_rank())["tp"]:
-            raise RuntimeError("DeepSpeed's topology orders the ranks differently from launcher/layout.py")
+            raise RuntimeError("DeepSpeed's topology orders the ranks differently from launcher/common/layout.py")
         for layer in pipe.forward_funcs:
             if isinstance(layer, LlamaBlock):
                 for old, new, dim in split_llama_layer(layer.layer, self.tp_group, self.tp_rank,

@@ -88,7 +88,7 @@ class PipelineParallel(EngineAccess):
         self.layer_names = [x.typename.__name__ if hasattr(x, "typename") else type(x).__name__ for x in layers]
 
     def placement(self, layout: Layout) -> dict[str, Any]:
-        """How ranks map to stages (launcher/pipe_tensor_parallel.py adds a tensor-parallel axis)."""
+        """How ranks map to stages (launcher/parallel/pipe_tensor_parallel.py adds a tensor-parallel axis)."""
         return {"num_stages": layout.pp}
 
     def prepare(self, pipe) -> None:

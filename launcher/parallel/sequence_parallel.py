@@ -91,7 +91,7 @@ class SequenceParallel(DataParallel):
             raise LabsError(f"sequence_parallel_size = {layout.sp} does not divide the model's {heads} attention heads")
         register_attention()
         model.config._attn_implementation = ATTN_NAME  # every decoder layer reads it at each forward
-        # The sequence groups: S consecutive ranks each (launcher/layout.py's order). Every rank
+        # The sequence groups: S consecutive ranks each (launcher/common/layout.py's order). Every rank
         # creates every group, in the same order (new_group is collective).
         rank, world, sp = dist.get_rank(), layout.world, layout.sp
         for first in range(0, world, sp):

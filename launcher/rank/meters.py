@@ -58,7 +58,8 @@ def import_framework() -> None:
         except ImportError:
             pass
     try:  # the model classes (transformers loads them lazily; a rank always does)
-        pass
+        # imported only when the baseline is measured (a child process of the plan, or a rank)
+        from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
     except ImportError:
         pass
 

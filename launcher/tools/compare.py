@@ -7,7 +7,7 @@ launcher, and write a report folder: report.md (a table), results.json and PNG p
 
 A strategy is a ds_configs/<name>.json; `name@K` runs it on K local ranks (e.g. `zero0@1`, the
 1-process baseline). Model-state bytes per rank are measured inside each rank from the tensors
-the engine holds (launcher/engine.py StateMeter) and set beside launcher/py's formula; each
+the engine holds (launcher/parallel/meter.py StateMeter) and set beside launcher/estimate/memory.py's formula; each
 rank's peak memory above its baseline (launcher/py PeakMeter) beside the plan's prediction and
 their ratio (a table in report.md and peak_memory.png; --report-only predicts again from each run's files).
 """
@@ -230,7 +230,7 @@ def write_report(results: list[dict[str, Any]], out: Path, job: str, steps: int,
             f"Produced by `{command}` on this machine ({steps} steps per strategy, global batch "
             f"{first['global_batch']} sequences, same seed and data; {precisions}, CPU, gloo).", "",
             *rows, "",
-            "- FLOP/s: model FLOPs per token (launcher/mfu.py: "
+            "- FLOP/s: model FLOPs per token (launcher/estimate/flops.py: "
             f"{first.get('flops_per_token', 0) / 1e6:,.1f} MFLOP/token, 6N + 12*L*h*s) x tokens/s; MFU: FLOP/s / "
             "(ranks x the matmul peak of one rank), the peak" + ("s: " if len(peaks) > 1 else ": ")
             + "; ".join(peaks or ["-"]) + ".",
@@ -239,7 +239,7 @@ def write_report(results: list[dict[str, Any]], out: Path, job: str, steps: int,
             "- peak RSS / rank: `ru_maxrss` of each rank process (includes Python, torch, the tokenizer and the "
             "full HF model every rank builds before sharding).",
             "- model states / rank: parameters + gradients + optimizer states (+ ZeRO's fp32 master partition) "
-            "counted from the tensors the engine holds on that rank (`StateMeter` in launcher/engine.py); "
+            "counted from the tensors the engine holds on that rank (`StateMeter` in launcher/parallel/meter.py); "
             "'fp32 formula' is the ZeRO accounting for these fp32 runs on the rank's parameters; 'plan formula' "
             "is what `labs plan` prints (mixed-precision Adam, 20 B/param at ZeRO-0).",
             "- gradients: their peak over the first optimizer step (sampled after each backward and just before "

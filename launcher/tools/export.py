@@ -7,7 +7,7 @@ LoRA runs, the merged model with `merge`). Weights come from the checkpoint: ZeR
 in `mp_rank_00_model_states.pt`; ZeRO-1/2/3 partitions are consolidated by DeepSpeed's zero_to_fp32;
 a pipeline's `layer_XX-model_states.pt` files are read one at a time and named through the task's
 pipeline layer list; AutoTP's row/column shards are joined along the dimension DeepSpeed's
-`universal_checkpoint_info` records (launcher/reshard.py).
+`universal_checkpoint_info` records (launcher/checkpoint/convert.py).
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def pipeline_layers(model: nn.Module, where: str = "model") -> list:
 def pipeline_names(model) -> dict[str, str]:
     """Pipeline parameter name (`<layer index>.<name in the layer>`, as a PipelineModule and its
     `layer_XX-model_states.pt` files have them) -> the HF model's name, from the task's layer list
-    (tasks/pipeline_layers.py), whose layers wrap the model's own submodules."""
+    (launcher/parallel/layers/pipeline.py), whose layers wrap the model's own submodules."""
 
     ids: dict[int, str] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
