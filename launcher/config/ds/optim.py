@@ -208,7 +208,7 @@ def _check_optimizer(cfg: dict[str, Any], path: str, accelerator: str) -> Any:
     probe_cls = cls if real else torch.optim.AdamW
     probe = params if real else {k: v for k, v in params.items() if k in ("lr", "betas", "eps", "weight_decay")}
     try:
-        opt = probe_cls(dummy, **probe)
+        opt = _construct(probe_cls, dummy, probe)
     except (ValueError, TypeError, RuntimeError) as e:
         field = next((k for k in ("lr", "betas", "eps", "weight_decay", "momentum") if k in params and
                       (k in str(e) or {"lr": "learning rate", "betas": "beta", "eps": "epsilon"}.get(k, "@") in str(e))),
@@ -223,6 +223,22 @@ def _check_optimizer(cfg: dict[str, Any], path: str, accelerator: str) -> Any:
             raise LabsError(f"{path}: optimizer.type = {name!r} with zero_optimization.stage = {zero_stage(cfg)}: "
                             f"DeepSpeed refuses an untested ZeRO optimizer ({cls.__name__}); add "
                             f"\"zero_allow_untested_optimizer\": true, or use \"AdamW\"")
+    return opt
+
+
+def _construct(cls: Any, params: list[Any], kwargs: dict[str, Any]) -> Any:
+    """`cls(params, **kwargs)` for a torch.optim class, without `Optimizer.add_param_group`: torch wraps
+    that in `_disable_dynamo`, whose first call imports torch._dynamo (1.5 s here, a third of `labs plan`).
+    The class's own value checks run in its `__init__` before `Optimizer.__init__` takes the parameters;
+    an empty list stops it there, and the one group the parameters would form is then added with the
+    defaults filled in, as add_param_group does."""
+    opt = cls.__new__(cls)
+    try:
+        cls.__init__(opt, [], **kwargs)
+    except ValueError as e:
+        if "empty parameter list" not in str(e):
+            raise
+    opt.param_groups.append({**opt.defaults, "params": list(params)})
     return opt
 
 
