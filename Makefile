@@ -22,12 +22,20 @@ cluster-deps:
 	@if command -v mpirun >/dev/null && [ -x $(PY) ] && ! $(PY) -c 'import mpi4py' 2>/dev/null; then \
 	  echo "[cluster-deps] installing mpi4py"; $(PY) -m pip install -q 'mpi4py>=4'; fi
 
+# Two pytest workers (pytest-xdist; each test file one group, the fake-host tests one group between them:
+# tests/conftest.py), then the tests that time their answers (`serial`), alone on the machine.
+XDIST := -n 2 --dist loadgroup --no-loadscope-reorder
+FAST := not distributed and not cluster and not slurm and not container
+
 test: setup cluster-deps
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(if $(SHARED_DATA),LABS_DATA_DIR=$(abspath $(SHARED_DATA))) \
-	$(PY) -m pytest tests --durations=30
+	$(PY) -m pytest tests $(XDIST) -m "not serial" --durations=40
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(if $(SHARED_DATA),LABS_DATA_DIR=$(abspath $(SHARED_DATA))) \
+	$(PY) -m pytest tests -m serial --durations=10
 
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -m "not distributed and not cluster and not slurm and not container"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests $(XDIST) -m "$(FAST) and not serial"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -m "$(FAST) and serial"
 
 # The project's image (podman; a local Debian base and this machine's pip sources, docs/containers.md).
 # Cold about 8.5 minutes, then cached: tests/test_container.py skips until it exists.

@@ -41,24 +41,38 @@ def ds_ops() -> None:
 
 
 def labs(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the `labs` CLI from the repository root: in a subprocess, except `labs plan`, which starts
-    nothing and runs here, the same code without a new interpreter importing DeepSpeed (3-4 s each;
-    LABS_TEST_SUBPROCESS=1 runs it in a subprocess too). An exception that escapes the CLI becomes exit
-    code 1 with its traceback on stderr, as the interpreter would print it."""
-    if args and args[0] == "plan" and os.environ.get("LABS_TEST_SUBPROCESS") != "1":
-        return _labs_here(args, env)
+    """Run the `labs` CLI from the repository root. `labs plan` and `labs launch` run here: the same
+    `launcher.cli.main` a user's `labs` runs, without a new interpreter importing DeepSpeed for it
+    (2-3 s each, about a hundred launches in the suite); a launch still starts DeepSpeed's real runner,
+    launch.py and ranks as processes. The other verbs, and any test that signals the `labs` process
+    itself, run it as a subprocess (LABS_TEST_SUBPROCESS=1: every verb). An exception that escapes the
+    CLI becomes exit code 1 with its traceback on stderr, as the interpreter would print it; a launch
+    that outlives `timeout` raises subprocess.TimeoutExpired after its ranks are ended, as
+    subprocess.run would."""
+    if args and args[0] in IN_PROCESS and os.environ.get("LABS_TEST_SUBPROCESS") != "1":
+        return _labs_here(args, env, timeout)
     return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env=os.environ | (env or {}))
 
 
-def _labs_here(args: tuple[str, ...], env: dict | None) -> subprocess.CompletedProcess:
+IN_PROCESS = ("plan", "launch")
+
+
+def _labs_here(args: tuple[str, ...], env: dict | None, timeout: float) -> subprocess.CompletedProcess:
     import contextlib
     import io
+    import signal
     import traceback
 
     from launcher import cli
+
+    def expired(signum, frame):
+        raise subprocess.TimeoutExpired([sys.executable, "-m", "launcher.cli", *args], timeout)
+
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_cwd, code = dict(os.environ), os.getcwd(), 0
+    saved_alarm = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
     os.environ.update(env or {})
     os.chdir(REPO)
     try:
@@ -69,10 +83,14 @@ def _labs_here(args: tuple[str, ...], env: dict | None) -> subprocess.CompletedP
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
                 if not isinstance(e.code, int) and e.code is not None:
                     print(e.code, file=sys.stderr)
+            except subprocess.TimeoutExpired:
+                raise
             except Exception:  # noqa: BLE001 - what the interpreter would do: traceback, exit 1
                 traceback.print_exc(file=sys.stderr)
                 code = 1
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, saved_alarm)
         os.environ.clear()
         os.environ.update(saved_env)
         os.chdir(saved_cwd)
@@ -159,3 +177,40 @@ def one_rank(ds_ops, tmp_path_factory) -> Path:
     accumulation steps = the global batch of 8 that every parallel run reads; run once per session."""
     from equivalence import run
     return run(tmp_path_factory.mktemp("one_rank"), "ds_configs/zero0.json", 1, "ds.gradient_accumulation_steps=4")
+
+
+# ---------------------------------------------------------------- two workers (pytest-xdist), and what runs alone
+
+HOSTS = ("cluster", "slurm", "container")
+"""Markers of the tests that build fake hosts (network namespaces, sshd, Slurm, podman) under fixed names:
+they share one worker, one after the other."""
+SERIAL = {"test_serve.py": ("test_bad_input_is_a_clear_4xx", "test_load_32_requests")}
+"""Tests that time answers (a 4xx within 1 s, /health within 200 ms while 8 requests generate), by file and
+name: marked `serial`, so `make test` runs them after the two workers, alone on the machine."""
+FIRST = ("hosts", "test_resume_layout.py", "test_equivalence_pipeline.py", "test_equivalence_tp_sp.py",
+         "test_equivalence_dp.py", "test_faults.py")
+"""The longest groups start first, so that neither worker is left with a long one at the end."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Each test file is one group of `--dist loadgroup` (its module-scoped runs are made once, on one
+    worker), except the fake-host tests, one group between them; the groups start longest first."""
+    for item in items:
+        name = Path(str(item.fspath)).name
+        if any(item.name.startswith(t) for t in SERIAL.get(name, ())):
+            item.add_marker(pytest.mark.serial)
+        group = "hosts" if any(item.get_closest_marker(m) for m in HOSTS) else name
+        item.add_marker(pytest.mark.xdist_group(group))
+    rank = {g: i for i, g in enumerate(FIRST)}
+    items.sort(key=lambda it: rank.get(next(it.iter_markers("xdist_group")).args[0], len(FIRST)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_worker():
+    """Under two pytest workers on a 2-core machine each worker's in-process torch work takes one thread
+    (torch's default is every core; two workers would then spin against each other)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch  # the test process does torch work anyway; only when two workers share the machine
+        torch.set_num_threads(1)
+    yield

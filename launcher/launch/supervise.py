@@ -82,6 +82,9 @@ def run_ranks(cmd: list[str], env: dict[str, str], cwd, run_dir: Path, secrets: 
             time.sleep(0.2)
         if _group_alive(proc.pid):
             _end_group(proc.pid)
+    except BaseException:  # the labs process itself fails (an exception, KeyboardInterrupt): no orphan ranks
+        _end_group(proc.pid)
+        raise
     finally:
         for s, h in old.items():
             signal.signal(s, h)
