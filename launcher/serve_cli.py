@@ -31,7 +31,7 @@ from launcher.launch.backends import build_command, check_ssh, check_tools
 from launcher.launch.env import runner_env
 from launcher.launch.plan import Plan
 from launcher.launch.supervise import failure_report, run_ranks
-from launcher.serve.plan import LOOPBACK, ServePlan
+from launcher.serve.plan import LOOPBACK, ServePlan, check_tp
 from launcher.serve.target import resolve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     _checks(args, key)
     tp = _tp(args)
     target = resolve(args.target, args.step, args.lora, args.served_model_name)
+    check_tp(target, tp)
     if target.adapters and tp > 1:
         raise LabsError(f"--tp {tp} with LoRA adapters ({', '.join(target.adapters)}): AutoTP does not shard PEFT "
                         f"layers; merge the adapter first (`labs merge RUN`) or serve it on one rank")
@@ -149,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         env["LABS_VERBOSE"] = "1"
     out = run_ranks(plan.command, env, cwd=REPO if plan.job.backend == "ssh" else None, run_dir=serve_dir,
-                    secrets=[key] if key else [], grace=args.grace + 15, verbose=args.verbose)
+                    secrets=[key] if key else [], grace=args.grace + 15, verbose=args.verbose, who="labs serve",
+                    stopping=f"the server drains (new requests get 503, running ones {args.grace:g} s to finish), "
+                             f"then every rank exits; nothing is saved")
     remove_shm(plan.master_port)  # what a rank that died could not remove itself
     (serve_dir / STOP_FILE).unlink(missing_ok=True)
     if out.code == 0:
