@@ -28,7 +28,7 @@ from launcher.common.run_dir import STOP_FILE
 from launcher.config.hostfile import is_local, load_hostfile
 from launcher.config.job import Job
 from launcher.launch.backends import build_command, check_ssh, check_tools
-from launcher.launch.env import runner_env
+from launcher.launch.env import env_file_text, runner_env
 from launcher.launch.plan import Plan
 from launcher.launch.supervise import failure_report, run_ranks
 from launcher.serve.plan import LOOPBACK, ServePlan, check_tp
@@ -120,6 +120,21 @@ def _launch(args: argparse.Namespace, sp: ServePlan, spec_file: Path) -> Plan:
     return plan
 
 
+def _rank_env(args: argparse.Namespace, plan: Plan, key: str | None, serve_dir: Path) -> dict[str, str]:
+    """The ranks' environment, also written as the runner's DS_ENV_FILE (serve_dir/ds_env, owner-only: it
+    holds the API key): over ssh that file is all that reaches the ranks, rank 0's API key included."""
+    env = plan.env | ({"LABS_API_KEY": key} if key else {})
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    if args.verbose:
+        env["LABS_VERBOSE"] = "1"
+    env_file = serve_dir / "ds_env"
+    env_file.touch(mode=0o600)
+    env_file.chmod(0o600)
+    env_file.write_text(env_file_text(env))
+    return env | {"DS_ENV_FILE": str(env_file)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     key = args.api_key or os.environ.get("LABS_API_KEY") or None
@@ -144,11 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         check_tools(plan)
         check_ssh(plan)
     clear_stale_build_locks()
-    env = os.environ | plan.env | ({"LABS_API_KEY": key} if key else {})
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    if args.verbose:
-        env["LABS_VERBOSE"] = "1"
+    env = os.environ | _rank_env(args, plan, key, serve_dir)
     out = run_ranks(plan.command, env, cwd=REPO if plan.job.backend == "ssh" else None, run_dir=serve_dir,
                     secrets=[key] if key else [], grace=args.grace + 15, verbose=args.verbose, who="labs serve",
                     stopping=f"the server drains (new requests get 503, running ones {args.grace:g} s to finish), "
