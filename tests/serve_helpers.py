@@ -46,6 +46,15 @@ class Server:
                                      env=os.environ | {"PYTHONPATH": str(REPO)} | (env or {}))
         self.health_codes: list[int] = []
 
+    @classmethod
+    def around(cls, cmd: list[str], port: int, out: Path, env: dict) -> Server:
+        """The same health poll, client and stop for another command that serves on `port` (a container)."""
+        self = cls.__new__(cls)
+        self.port, self.key, self.out, self.health_codes = port, None, out, []
+        self.log = open(out.with_suffix(".console.log"), "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        return self
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"

@@ -166,26 +166,19 @@ def test_the_image_serves(tmp_path):
     cmd = ["podman", "run", "--rm", "--name", name, "--network", "host", "-e", "HF_HUB_OFFLINE=1",
            "-e", "OMP_NUM_THREADS=1", BUILT, "labs", "serve", "llama-tiny", "--port", str(port), "--threads", "1",
            "--grace", "3"]
-    log = open(tmp_path / "podman.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, env=os.environ | podman_env(), stdout=log, stderr=subprocess.STDOUT)
-    server = Server.__new__(Server)  # the same client and health poll, around a process started here
-    server.port, server.key, server.out, server.proc, server.log, server.health_codes = (
-        port, None, tmp_path / "podman", proc, log, [])
+    server = Server.around(cmd, port, tmp_path / "podman", os.environ | podman_env())
     try:
         server.wait_ready(300)
         want = _expected(*reference("llama-tiny"))
         got = [_complete(server, "llama-tiny", p, n) for p, n in PAIRS]
         assert got == want, (want, got)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, (tmp_path / "podman.log").read_text()[-3000:]
-        text = (tmp_path / "podman.log").read_text()
-        assert "== SIGTERM: the server drains" in text or "server stopped" in text, text[-3000:]
+        assert server.stop() == 0, server.console()
+        assert "server stopped (SIGTERM)" in server.console(), server.console()
     finally:
-        if proc.poll() is None:
+        if server.proc.poll() is None:
             subprocess.run(["podman", "rm", "-f", "--ignore", name], env=os.environ | podman_env(),
                            capture_output=True, timeout=60)
-            proc.wait(30)
-        log.close()
+        server.stop()
 
 
 # ------------------------------------------------------------------ the ssh backend
