@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=10.0, help="seconds running requests get after SIGTERM")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: the cores / ranks, as training)")
     p.add_argument("--seed", type=int, default=0, help="random weights of a preset built from config")
-    p.add_argument("--out", help="serve folder for logs (default runs/serve/<time>)")
+    p.add_argument("--out", help="serve folder for logs (default runs/serve/<time> under the working folder)")
     p.add_argument("--master_port", type=int, help="rendezvous port of the ranks (default: a free one)")
     p.add_argument("-v", "--verbose", action="store_true", help="every rank's output on the console")
     return p
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if target.adapters and tp > 1:
         raise LabsError(f"--tp {tp} with LoRA adapters ({', '.join(target.adapters)}): AutoTP does not shard PEFT "
                         f"layers; merge the adapter first (`labs merge RUN`) or serve it on one rank")
-    serve_dir = Path(args.out or REPO / "runs" / "serve" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    # under the working folder, as training's train.output_dir (REPO is site-packages when pip-installed)
+    serve_dir = Path(args.out or Path("runs") / "serve" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
     (serve_dir / "logs").mkdir(parents=True, exist_ok=True)
     (serve_dir / STOP_FILE).unlink(missing_ok=True)
     sp = ServePlan(target, tp, args.host, args.port, args.backend, serve_dir, args.max_batch, args.max_queue,
