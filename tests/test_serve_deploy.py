@@ -156,7 +156,8 @@ def _image_unavailable_reason() -> str | None:
 @pytest.mark.container
 def test_the_image_serves(tmp_path):
     """`podman run --network host IMAGE labs serve llama-tiny`: the openai client here gets generate's
-    answers; SIGTERM to `podman run` (proxied to labs, PID 1 of the container) stops it cleanly."""
+    answers; SIGTERM to `podman run` (proxied to labs, PID 1 of the container) stops it cleanly. It runs
+    the image as built (rebuild it after a code change: scripts/build_image.sh --local, cached)."""
     if reason := _image_unavailable_reason():
         pytest.skip(reason)
     from test_container import BUILT, podman_env
