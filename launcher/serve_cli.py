@@ -28,10 +28,10 @@ from launcher.common.run_dir import STOP_FILE
 from launcher.config.hostfile import is_local, load_hostfile
 from launcher.config.job import Job
 from launcher.launch.backends import build_command, check_ssh, check_tools
-from launcher.launch.env import runner_env
+from launcher.launch.env import env_file_text, runner_env
 from launcher.launch.plan import Plan
 from launcher.launch.supervise import failure_report, run_ranks
-from launcher.serve.plan import LOOPBACK, ServePlan
+from launcher.serve.plan import LOOPBACK, ServePlan, check_tp
 from launcher.serve.target import resolve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=10.0, help="seconds running requests get after SIGTERM")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: the cores / ranks, as training)")
     p.add_argument("--seed", type=int, default=0, help="random weights of a preset built from config")
-    p.add_argument("--out", help="serve folder for logs (default runs/serve/<time>)")
+    p.add_argument("--out", help="serve folder for logs (default runs/serve/<time> under the working folder)")
     p.add_argument("--master_port", type=int, help="rendezvous port of the ranks (default: a free one)")
     p.add_argument("-v", "--verbose", action="store_true", help="every rank's output on the console")
     return p
@@ -120,16 +120,33 @@ def _launch(args: argparse.Namespace, sp: ServePlan, spec_file: Path) -> Plan:
     return plan
 
 
+def _rank_env(args: argparse.Namespace, plan: Plan, key: str | None, serve_dir: Path) -> dict[str, str]:
+    """The ranks' environment, also written as the runner's DS_ENV_FILE (serve_dir/ds_env, owner-only: it
+    holds the API key): over ssh that file is all that reaches the ranks, rank 0's API key included."""
+    env = plan.env | ({"LABS_API_KEY": key} if key else {})
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    if args.verbose:
+        env["LABS_VERBOSE"] = "1"
+    env_file = serve_dir / "ds_env"
+    env_file.touch(mode=0o600)
+    env_file.chmod(0o600)
+    env_file.write_text(env_file_text(env))
+    return env | {"DS_ENV_FILE": str(env_file)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     key = args.api_key or os.environ.get("LABS_API_KEY") or None
     _checks(args, key)
     tp = _tp(args)
     target = resolve(args.target, args.step, args.lora, args.served_model_name)
+    check_tp(target, tp)
     if target.adapters and tp > 1:
         raise LabsError(f"--tp {tp} with LoRA adapters ({', '.join(target.adapters)}): AutoTP does not shard PEFT "
                         f"layers; merge the adapter first (`labs merge RUN`) or serve it on one rank")
-    serve_dir = Path(args.out or REPO / "runs" / "serve" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    # under the working folder, as training's train.output_dir (REPO is site-packages when pip-installed)
+    serve_dir = Path(args.out or Path("runs") / "serve" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
     (serve_dir / "logs").mkdir(parents=True, exist_ok=True)
     (serve_dir / STOP_FILE).unlink(missing_ok=True)
     sp = ServePlan(target, tp, args.host, args.port, args.backend, serve_dir, args.max_batch, args.max_queue,
@@ -143,13 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         check_tools(plan)
         check_ssh(plan)
     clear_stale_build_locks()
-    env = os.environ | plan.env | ({"LABS_API_KEY": key} if key else {})
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    if args.verbose:
-        env["LABS_VERBOSE"] = "1"
+    env = os.environ | _rank_env(args, plan, key, serve_dir)
     out = run_ranks(plan.command, env, cwd=REPO if plan.job.backend == "ssh" else None, run_dir=serve_dir,
-                    secrets=[key] if key else [], grace=args.grace + 15, verbose=args.verbose)
+                    secrets=[key] if key else [], grace=args.grace + 15, verbose=args.verbose, who="labs serve",
+                    stopping=f"the server drains (new requests get 503, running ones {args.grace:g} s to finish), "
+                             f"then every rank exits; nothing is saved")
     remove_shm(plan.master_port)  # what a rank that died could not remove itself
     (serve_dir / STOP_FILE).unlink(missing_ok=True)
     if out.code == 0:

@@ -14,6 +14,26 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 
 
+def reference(name: str = "llama-tiny"):
+    """(model, tokenizer) as a rank of `labs serve NAME` builds them (a preset's seed-0 weights)."""
+    import torch
+
+    from tasks.causal_lm import build_causal_lm
+    torch.manual_seed(0)
+    model, tok = build_causal_lm(name)
+    return model.eval(), tok
+
+
+def generate(model, tok, ids: list[int], n: int) -> str:
+    """Plain greedy `model.generate`: what a served temperature-0 completion must equal."""
+    import torch
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
 class Server:
     """`labs serve ARGS` on 127.0.0.1 and a free port; `url` once /health says ready."""
 
@@ -25,6 +45,15 @@ class Server:
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
                                      env=os.environ | {"PYTHONPATH": str(REPO)} | (env or {}))
         self.health_codes: list[int] = []
+
+    @classmethod
+    def around(cls, cmd: list[str], port: int, out: Path, env: dict) -> Server:
+        """The same health poll, client and stop for another command that serves on `port` (a container)."""
+        self = cls.__new__(cls)
+        self.port, self.key, self.out, self.health_codes = port, None, out, []
+        self.log = open(out.with_suffix(".console.log"), "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        return self
 
     @property
     def url(self) -> str:
@@ -46,7 +75,8 @@ class Server:
         raise TimeoutError(f"not ready in {timeout} s:\n{self.console()}")
 
     def console(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.out.with_suffix(".console.log").read_text()[-6000:]
 
     def client(self, **kw):

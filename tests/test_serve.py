@@ -19,18 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 from serve_helpers import REPO, Server
+from serve_helpers import generate as _generate
+from serve_helpers import reference as _reference
 
 KEY = "test-key-123"
 PROMPTS = ["The quick brown fox", "Parallelism on CPUs is", "Once upon a time, in a land far away,"]
-
-
-def _reference(name: str = "llama-tiny"):
-    import torch
-
-    from tasks.causal_lm import build_causal_lm
-    torch.manual_seed(0)
-    model, tok = build_causal_lm(name)
-    return model.eval(), tok
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +55,6 @@ def server(tmp_path_factory, adapter):
         yield s
     finally:
         s.stop()
-
-
-def _generate(model, tok, ids: list[int], n: int) -> str:
-    import torch
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
 def test_health_loading_then_ready_and_models(server):

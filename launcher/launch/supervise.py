@@ -40,11 +40,15 @@ class Outcome:
     forced: bool = False  # the ranks did not stop within the grace time and were ended
 
 
-def run_ranks(cmd: list[str], env: dict[str, str], cwd, run_dir: Path, secrets: list[str],
-              grace: float, verbose: bool = False) -> Outcome:
+TRAINING_STOP = "every rank finishes its current step, saves a checkpoint and exits"
+
+
+def run_ranks(cmd: list[str], env: dict[str, str], cwd, run_dir: Path, secrets: list[str], grace: float,
+              verbose: bool = False, stopping: str = TRAINING_STOP, who: str = "labs launch") -> Outcome:
     """Run the runner until it and every process of its group have ended; see the module doc. Its
     output passes through a filter: secrets (DeepSpeed's multi-node runner logs its whole pdsh command,
-    exports included) become ***, and, unless verbose, the launchers' INFO lines are dropped."""
+    exports included) become ***, and, unless verbose, the launchers' INFO lines are dropped.
+    `stopping` is what the first signal's line says the ranks now do; `who` names the command in STOP."""
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     pump = threading.Thread(target=_pump, args=(proc.stdout, secrets, verbose), daemon=True)
@@ -58,11 +62,10 @@ def run_ranks(cmd: list[str], env: dict[str, str], cwd, run_dir: Path, secrets: 
         if state["count"] == 1:
             state["signal"], state["deadline"] = name, time.monotonic() + grace
             try:
-                (run_dir / STOP_FILE).write_text(f"{name} to labs launch (pid {os.getpid()}) at {time.ctime()}\n")
+                (run_dir / STOP_FILE).write_text(f"{name} to {who} (pid {os.getpid()}) at {time.ctime()}\n")
             except OSError:
                 pass
-            _say(f"\n== {name}: every rank finishes its current step, saves a checkpoint and exits (up to "
-                 f"{grace:.0f} s; {name} again stops them at once)")
+            _say(f"\n== {name}: {stopping} (up to {grace:.0f} s; {name} again stops them at once)")
         else:
             _say(f"\n== {name} again: ending the ranks now")
             _end_group(proc.pid)

@@ -5,11 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher.common.errors import LabsError
 from launcher.common.text import fmt_bytes
 from launcher.serve.target import Target
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 FP32 = 4
+
+
+def check_tp(target: Target, tp: int) -> None:
+    """AutoTP gives each rank whole attention and key-value heads (as training's plan requires): a tp
+    that does not divide both is refused here, with the sizes that would work."""
+    s = target.shape
+    if tp == 1 or s is None:
+        return
+    bad = [f"{n} {what}" for n, what in ((s.heads, "attention heads"), (s.kv_heads, "key-value heads")) if n % tp]
+    if bad:
+        valid = [d for d in range(1, s.heads + 1) if s.heads % d == 0 and s.kv_heads % d == 0]
+        raise LabsError(f"--tp {tp}: it does not divide {target.name}'s {' and '.join(bad)} (AutoTP gives each rank "
+                        f"whole heads); valid --tp for this model: {', '.join(map(str, valid))}")
 
 
 @dataclass

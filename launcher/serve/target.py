@@ -75,10 +75,36 @@ def _folder(path: Path) -> Target:
 
 
 def _hub(name: str) -> Target:
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise LabsError(f"TARGET {name!r} is neither a folder nor a preset, so a hub id, and HF_HUB_OFFLINE=1; "
-                        f"give a local folder, a run folder or a preset ({', '.join(PRESETS)})")
-    return Target(name, name, f"hub model {name} (downloaded by every rank)")
+    """A hub id: its snapshot in the HF cache when there is one (served as that folder, offline too);
+    else, online, every rank downloads it, once the hub has said it knows the id."""
+    # only when TARGET is a hub id (huggingface_hub is torch-free, but slow to import)
+    import huggingface_hub as hub
+
+    # only when TARGET is a hub id (submodules: huggingface_hub's attributes are lazy)
+    from huggingface_hub import constants, errors
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    fix = (f"download it once where the hub is reachable (`hf download {name}`, into HF_HUB_CACHE "
+           f"{constants.HF_HUB_CACHE}), or give a local folder, a run folder or a preset ({', '.join(PRESETS)})")
+    try:
+        cached = Path(hub.snapshot_download(name, local_files_only=True))
+    except (errors.LocalEntryNotFoundError, ValueError, OSError):
+        cached = None
+    if cached is not None and (cached / "config.json").is_file():
+        target = _folder(cached)
+        target.source = f"hub model {name} from the HF cache: {target.source.removeprefix('HF folder ')}"
+        return target
+    if offline:
+        raise LabsError(f"TARGET {name!r} is neither a folder nor a preset, so a hub id, and it is not in the HF cache "
+                        f"while HF_HUB_OFFLINE=1 (the hub is not asked; unset it if the hub is reachable from here): {fix}")
+    try:
+        hub.model_info(name, timeout=15)
+    except errors.RepositoryNotFoundError:
+        raise LabsError(f"TARGET {name!r}: the hub ({constants.ENDPOINT}) has no such model (or it is private: "
+                        f"`hf auth login`); check the id, or {fix.partition(', or ')[2]}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to reach the hub: connection, timeout, proxy, HTTP 5xx
+        raise LabsError(f"TARGET {name!r} is a hub id, not in the HF cache, and the hub ({constants.ENDPOINT}) is "
+                        f"unreachable ({type(e).__name__}: {str(e)[:160]}): {fix}") from None
+    return Target(name, name, f"hub model {name} (downloaded by every rank into its HF cache)")
 
 
 def _adapter(path: Path) -> Target:
