@@ -46,14 +46,16 @@ def write_checksums(folder: Path) -> None:
     tmp.rename(folder / CHECKSUMS)
 
 
-def verify(folder: Path, expect: dict[str, Any] | None = None) -> str | None:
-    """None when the folder is complete (every file matches checksums.sha256 and conversion.json has the
-    `expect` items), else why not, in words."""
+def verify(folder: Path, expect: dict[str, Any] | None = None, required: tuple[str, ...] = ()) -> str | None:
+    """None when the folder is complete (every file matches checksums.sha256, the `required` files are
+    there and conversion.json has the `expect` items), else why not, in words."""
     sums_file = folder / CHECKSUMS
     if not folder.is_dir():
         return "not converted yet"
     if not sums_file.is_file():
         return f"no {CHECKSUMS} (a conversion that did not finish)"
+    if missing := [n for n in required if not (folder / n).is_file()]:
+        return f"no {', '.join(missing)} (a conversion that wrote less than a model folder holds)"
     listed: dict[str, str] = {}
     for line in sums_file.read_text().splitlines():
         digest, _, name = line.partition("  ")
@@ -94,14 +96,16 @@ def file_lock(path: Path) -> Iterator[None]:
 
 
 def cached_folder(target: Path, build: Callable[[Path], dict[str, Any]], what: str,
-                  expect: dict[str, Any] | None = None, log: Callable[[str], None] | None = None) -> Path:
+                  expect: dict[str, Any] | None = None, log: Callable[[str], None] | None = None,
+                  required: tuple[str, ...] = ()) -> Path:
     """`target`, converted by `build(tmp_folder) -> info` if it is not complete (see the module's docstring).
-    `info` and `expect` go to conversion.json with the conversion's seconds, which is printed."""
-    if verify(target, expect) is None:
+    `info` and `expect` go to conversion.json with the conversion's seconds, which is printed; a build
+    that leaves out a `required` file fails instead of being cached."""
+    if verify(target, expect, required) is None:
         return target
     say = log or (lambda msg: print(f"[labs] {msg}", file=sys.stderr, flush=True))
     with file_lock(target.parent / f".{target.name}.lock"):
-        reason = verify(target, expect)
+        reason = verify(target, expect, required)
         if reason is None:  # another process converted it while this one waited
             return target
         for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a process that died converting
@@ -117,6 +121,8 @@ def cached_folder(target: Path, build: Callable[[Path], dict[str, Any]], what: s
         try:
             t0 = time.perf_counter()
             info = dict(build(tmp)) | dict(expect or {})
+            if missing := [n for n in required if not (tmp / n).is_file()]:
+                raise RuntimeError(f"converting {what} wrote no {', '.join(missing)} into {tmp}")
             info["conversion_s"] = round(time.perf_counter() - t0, 1)
             (tmp / CONVERSION).write_text(json.dumps(info, indent=2) + "\n")
             write_checksums(tmp)

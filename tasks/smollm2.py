@@ -83,22 +83,27 @@ def check_available(where: str) -> None:
         raise LabsError(f"{where}: {e}") from None
 
 
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+"""What a converted model folder must hold besides its checksums (a folder without them is converted again)."""
+
+
 def model_dir() -> Path:
     """The converted folder of smollm2-135m, converted now if it is missing, partial or corrupted."""
     try:
         expect = source()
     except LabsError:
-        if verify(model_folder()) is None:  # converted earlier; the package has gone since: still usable
+        if verify(model_folder(), required=MODEL_FILES) is None:  # converted earlier; the package has gone since
             return model_folder()
         raise
-    return cached_folder(model_folder(), convert_model, f"{GGUF_FILE} ({PACKAGE})", expect)
+    return cached_folder(model_folder(), convert_model, f"{GGUF_FILE} ({PACKAGE})", expect, required=MODEL_FILES)
 
 
 def tokenizer_dir() -> Path:
     """A folder holding SmolLM2's tokenizer: the converted model's, else a tokenizer-only conversion."""
-    if verify(model_folder()) is None:
+    if verify(model_folder(), required=MODEL_FILES) is None:
         return model_folder()
-    return cached_folder(tokenizer_folder(), convert_tokenizer, f"the tokenizer of {GGUF_FILE}", source())
+    return cached_folder(tokenizer_folder(), convert_tokenizer, f"the tokenizer of {GGUF_FILE}", source(),
+                         required=("tokenizer.json",))
 
 
 def _gguf_tokenizer():

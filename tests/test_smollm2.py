@@ -155,6 +155,19 @@ def test_partial_or_corrupted_cache_is_converted_again(tmp_path, capsys):
     assert len(calls) == 5 and json.loads((target / CONVERSION).read_text())["version"] == "2"
 
 
+def test_a_checksummed_folder_without_its_weights_is_not_complete(tmp_path):
+    """A model folder whose checksums list only the tokenizer (found once on this machine: every checksum
+    right, no config.json or weights) is converted again; a build that writes no weights is refused."""
+    target, calls = tmp_path / "models" / "m", []
+    cached_folder(target, _fake_build(calls), "m")
+    assert verify(target) is None
+    assert "no config.json" in verify(target, required=("weights.bin", "config.json"))
+    with pytest.raises(RuntimeError, match="wrote no config.json"):
+        cached_folder(target, _fake_build(calls), "m", required=("config.json",))
+    assert len(calls) == 2 and not list(target.parent.glob(".m.tmp-*"))
+    assert smollm2.MODEL_FILES[:2] == ("config.json", "model.safetensors")
+
+
 def test_a_failed_conversion_leaves_nothing_behind(tmp_path):
     def broken(out: Path) -> dict:
         (out / "half.bin").write_bytes(b"x")
