@@ -76,6 +76,7 @@ class Setup:
     max_live: int = 1_000_000_000
     device: str = "cpu"
     trainable: int | None = None  # LoRA: the adapters (the base is frozen)
+    adam: str = "fused"  # torch's AdamW kernel: "fused", "foreach" or "for-loop" (torch's CPU default)
     datasets: bool = True  # the data comes through datasets.load_dataset (all but the built-in text sample)
 
     @property
@@ -91,6 +92,12 @@ class Setup:
         def num(key: str, default: int) -> int:
             v = zero.get(key, default)
             return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+        dev = device or ("cpu" if os.environ.get("DS_ACCELERATOR", "cpu") == "cpu" else "cuda")
+        opt = (cfg.get("optimizer") or {}).get("params") or {}
+        # torch.optim.AdamW through "torch_adam": fused if asked, else foreach on GPUs and the for-loop on CPU
+        # (torch's defaults); DeepSpeed's own Adam kernels (FusedAdam, DeepSpeedCPUAdam) update in place
+        adam = ("fused" if opt.get("fused") or not opt.get("torch_adam") else "foreach" if opt.get("foreach")
+                else "for-loop" if dev == "cpu" else "foreach")
         pipe_ckpt = (cfg.get("pipeline") or {}).get("activation_checkpoint_interval", 0) if layout.pp > 1 else 0
         return cls(stage=zero_stage(cfg), precision=precision(cfg), offload_optimizer=off_opt,
                    offload_param=off_param, dp=layout.dp, tp=layout.tp, pp=layout.pp, sp=getattr(layout, "sp", 1),
@@ -101,8 +108,8 @@ class Setup:
                    allgather_bucket=num("allgather_bucket_size", 500_000_000),
                    prefetch=num("stage3_prefetch_bucket_size", 50_000_000),
                    max_live=num("stage3_max_live_parameters", 1_000_000_000),
-                   device=device or ("cpu" if os.environ.get("DS_ACCELERATOR", "cpu") == "cpu" else "cuda"),
-                   trainable=trainable)
+                   device=dev,
+                   trainable=trainable, adam=adam)
 
 
 @dataclass
@@ -176,17 +183,22 @@ def model_state_bytes(params: int, setup: Setup, largest: int = 0) -> dict[str, 
 
 def activation_bytes(shape: Shape, setup: Setup, blocks: int, last: bool) -> tuple[int, int]:
     """(activations one micro-batch leaves for the backward pass in `blocks` blocks, the logits and loss
-    buffers at the start of the backward pass on the stage holding the head). Per token and block, HF's
-    Llama keeps about 13h + 4i elements (norm inputs and outputs, q/k/v and their rotated copies, the
-    attention output, gate/up/SiLU/product of the MLP; SDPA's flash path keeps no s x s matrix); with
-    activation checkpointing only each block's input (h) and one block recomputed. Logits: the fp32 logits,
-    their log-softmax and the two gradients, 16 B per token and vocabulary entry. AutoTP splits the q/k/v/MLP activations by tp; sequence parallelism the tokens."""
+    buffers at the start of the backward pass on the stage holding the head). Counted, not fitted: the
+    tensors autograd saves in HF's Llama with SDPA (tests/test_memory_predict.py counts them with
+    torch.autograd.graph.saved_tensors_hooks on the real model): per token and block 8h + 2kv + 4i elements:
+    each RMSNorm's input, normalised and scaled output (3h, twice), the rotated q (h) and k, v (kv each: SDPA
+    takes the KV heads as they are), the attention output (h), gate/up/SiLU/product of the MLP (4i); outside
+    the blocks the embedding output and the final norm (3h). With activation checkpointing only each block's
+    input (h) and one block recomputed. Logits: 16 B per token and vocabulary entry, the fp32 logits (held by
+    the model's output), the log-softmax cross-entropy saves, and at the start of the backward pass the
+    gradients of both. AutoTP splits the attention and MLP activations by tp (the norms stay whole);
+    sequence parallelism the tokens."""
     e = 4 if setup.precision == "fp32" else 2
     tokens = setup.micro * setup.seq // setup.sp
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * (shape.hidden // shape.heads)
-    per_block = tokens * e * (6 * h + (7 * h + 2 * kv - 2 * h + 4 * i) // setup.tp)  # 13h + 4i for MHA, tp 1
+    per_block = tokens * e * (6 * h + (2 * h + 2 * kv + 4 * i) // setup.tp)
     acts = blocks * tokens * e * h + per_block if setup.checkpointing else blocks * per_block
-    acts += tokens * e * 2 * h  # embedding output, final norm
+    acts += tokens * e * 3 * h  # embedding output, final norm
     logits = tokens * shape.vocab * 16 // setup.tp if last else 0
     return acts, logits
 
@@ -204,11 +216,6 @@ DATASETS_CPU = 67 * MiB
 builder, measured 120-130 MiB in all for llama-small on WikiText-2, i.e. this much above RUNTIME_CPU."""
 
 
-ZERO_COPIES = {1: 1.0, 2: 1.0}
-"""ZeRO-1/2 flatten the parameters into their bit16 groups and copy the fp32 gradient partition around the
-step: one more fp32 copy of the rank's parameters, measured (llama-small and llama-58m on CPU)."""
-
-
 MMAP_MAX = 32 * MiB
 """glibc's largest mmap threshold: a freed tensor above it goes back to the OS, one below it stays in the heap."""
 
@@ -220,11 +227,36 @@ this many copies of them (measured: llama-small's 31 MiB embedding and head; lla
 mmapped and returned, and nothing is left)."""
 
 
-OPT_STEP_COPIES = 2
-"""torch's foreach AdamW allocates temporaries of the parameters it updates (sqrt of the second moment,
-the update): about two fp32 copies during the step. Measured: with gradient accumulation they add to the
-communication buffers; with one micro-batch per step they reuse the buffers' freed memory (llama-small, ZeRO-0:
-peak 544-577 MiB with one micro-batch of 2 x 64 tokens, 694-700 MiB with two)."""
+def optimizer_temporaries(setup: Setup, updated: int, largest: int) -> int:
+    """What torch's AdamW allocates during the step, from its source (torch/optim/adam.py): the fused kernel
+    updates in place (nothing); foreach takes the square root of every second moment at once (one fp32 copy of
+    what the rank updates); the for-loop (torch's default on CPU) makes the root and its quotient one tensor at
+    a time (two copies of the largest tensor it updates: ZeRO's optimizers update one flat fp32 partition)."""
+    if setup.adam == "fused":
+        return 0
+    if setup.adam == "foreach":
+        return 4 * updated
+    return 2 * 4 * (updated if setup.stage >= 1 else min(largest, updated))
+
+
+def head_gradient(shape: Shape, setup: Setup) -> int:
+    """The first tensor the backward pass makes after the loss's: the output layer's weight gradient (vocabulary x
+    hidden, fp32), while the logits and their gradient are alive (8 of the 16 B per token and vocabulary entry).
+    When every one of those tensors fits glibc's heap (MMAP_MAX) the freed log-softmax and its gradient stay
+    resident beside it: all of it adds; when they are mmapped, only what exceeds the 8 B freed does."""
+    grad = 4 * shape.vocab * shape.hidden // setup.tp
+    logit_tensor = 4 * setup.micro * setup.seq // setup.sp * shape.vocab // setup.tp
+    if max(grad, logit_tensor) <= MMAP_MAX:
+        return grad
+    return max(grad - 2 * logit_tensor, 0)
+
+
+def heap_kept(shape: Shape, params: int) -> int:
+    """Bytes of `params` parameters (fp32) whose tensors glibc keeps in its heap once freed: all but those
+    above its largest mmap threshold (MMAP_MAX), which go back to the OS (the embeddings and head of the
+    larger models)."""
+    big = sum(n for n in (shape.embed, shape.head) if 4 * n > MMAP_MAX)
+    return 4 * max(params - big, 0)
 
 
 def _rank_parts(shape: Shape, setup: Setup, k: int) -> tuple[int, dict[str, int]]:
@@ -238,6 +270,8 @@ def _rank_parts(shape: Shape, setup: Setup, k: int) -> tuple[int, dict[str, int]
     acts, logits = activation_bytes(shape, setup, blocks[k], last)
     parts["activations" + (f" ({in_flight} micro-batches in flight)" if in_flight > 1 else "")] = acts * in_flight
     parts["logits + loss"] = logits
+    if last:
+        parts["logits + loss: the head's weight gradient"] = head_gradient(shape, setup)
     trained = setup.trainable if setup.trainable is not None else P
     opt_p = trained if setup.stage == 0 else trained // (setup.dp * setup.sp)
     buffers = 0
@@ -248,12 +282,9 @@ def _rank_parts(shape: Shape, setup: Setup, k: int) -> tuple[int, dict[str, int]
     if setup.stage == 3:
         buffers += 4 * min(setup.prefetch, shape.params) + 4 * min(setup.max_live, shape.params)
     parts["communication buffers"] = buffers
-    temps = OPT_STEP_COPIES * 4 * opt_p
-    if setup.grad_accum == 1:  # measured: with one micro-batch per step the step reuses the freed buffers
-        temps = max(temps - buffers, 0)
-    parts["optimizer step temporaries"] = temps
-    if setup.stage in (1, 2):
-        parts["ZeRO flat copies"] = int(ZERO_COPIES[setup.stage] * 4 * trained)
+    parts["optimizer step temporaries"] = optimizer_temporaries(setup, opt_p, shape.embed // setup.tp)
+    if setup.stage in (1, 2) and setup.device == "cpu":  # the parameters as built, freed once flattened
+        parts["ZeRO flat copies (the parameters as built, kept in the heap)"] = heap_kept(shape, trained)
     if setup.stage == 3 and setup.device == "cpu":
         band = sum(n for n in (shape.embed, shape.head) if MMAP_MAX // 2 < 4 * n <= MMAP_MAX)
         parts["ZeRO-3 gathers kept in the heap"] = int(ZERO3_HEAP_COPIES * 4 * band)
@@ -263,7 +294,7 @@ def _rank_parts(shape: Shape, setup: Setup, k: int) -> tuple[int, dict[str, int]
         if setup.pp > 1:  # the rest of the HF model stays referenced on every stage
             parts["the HF model's other stages"] = BUILT_BYTES * (full - P)
         elif setup.tp > 1 or setup.stage == 3:  # the whole model built before AutoTP / ZeRO-3 replaced it
-            parts["the HF model as built"] = BUILT_BYTES * full
+            parts["the HF model as built (kept in the heap)"] = heap_kept(shape, full)
     return P, parts
 
 
