@@ -4,11 +4,17 @@ Predicted (`predict`, plain arithmetic: `labs plan` imports no torch for it), pe
   model states for the run's real precision and optimizer (`model_state_bytes`: fp32 4 B params + 4 B grads
   + 8 B Adam moments, + ZeRO's 4 B fp32 master partition; bf16/fp16 DeepSpeed's mixed-precision accounting),
   partitioned by ZeRO stage over dp, pipeline stages holding only their layers, AutoTP splitting the matrices;
-  + activations (micro batch x sequence x (13h + 4i) per block, only block inputs under activation
-  checkpointing, the micro-batches a stage holds in flight under 1F1B) and the logits with the loss (fp32)
+  + activations (micro batch x sequence x (8h + 2kv + 4i) per block: what autograd saves in HF's Llama, a test
+  counts it on the real model; only block inputs under activation checkpointing; the micro-batches a stage
+  holds in flight under 1F1B) and the logits with the loss (fp32, 16 B per token and vocabulary entry) and the
+  head's weight gradient
   + communication buffers (ZeRO-0's flat gradient all-reduce, ZeRO's reduce bucket, ZeRO-3's prefetch and
-  live parameters) + the optimizer step's temporaries and ZeRO's flat copies (measured, see the constants)
-  + on CPU the task's runtime and the parts of the HF model every rank builds whole before it is split
+  live parameters) + AdamW's step temporaries (from torch's source: fused none, foreach one copy, for-loop two
+  of the largest tensor)
+  + on CPU glibc's heap (freed tensors up to 32 MiB stay resident: the parameters as built where the engine
+  replaces them, ZeRO-3's gathered ones), the parts of the HF model a pipeline stage keeps, and the runtime
+  (RUNTIME_CPU, DATASETS_CPU, TRAINING_CPU: fitted on the fit set of docs/memory_runs.json, checked on its
+  test set)
   + the framework's baseline: the RSS of a process that imported torch, deepspeed, transformers and datasets,
   measured once per machine and cached in $LABS_CACHE_DIR/memory_baseline.json.
 Measured (`PeakMeter`, in every rank): CPU, the high-water resident memory (VmHWM) after the first
@@ -45,8 +51,6 @@ def zero_model_state_bytes(stage: int, params: int, largest_layer: int, world: i
             return layer if offload_param else layer + int(2 * params / n)
         return layer + int(18 * params / n)
     raise ValueError(f"ZeRO stage {stage}")
-
-
 
 
 BUILT_BYTES = 4
@@ -191,29 +195,35 @@ def activation_bytes(shape: Shape, setup: Setup, blocks: int, last: bool) -> tup
     the blocks the embedding output and the final norm (3h). With activation checkpointing only each block's
     input (h) and one block recomputed. Logits: 16 B per token and vocabulary entry, the fp32 logits (held by
     the model's output), the log-softmax cross-entropy saves, and at the start of the backward pass the
-    gradients of both. AutoTP splits the attention and MLP activations by tp (the norms stay whole);
-    sequence parallelism the tokens."""
+    gradients of both. AutoTP splits the attention and MLP activations by tp (the norms stay whole, and its
+    head's LinearAllreduce gives every rank the full logits); sequence parallelism the tokens."""
     e = 4 if setup.precision == "fp32" else 2
     tokens = setup.micro * setup.seq // setup.sp
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * (shape.hidden // shape.heads)
     per_block = tokens * e * (6 * h + (2 * h + 2 * kv + 4 * i) // setup.tp)
     acts = blocks * tokens * e * h + per_block if setup.checkpointing else blocks * per_block
     acts += tokens * e * 3 * h  # embedding output, final norm
-    logits = tokens * shape.vocab * 16 // setup.tp if last else 0
+    logits = tokens * shape.vocab * 16 if last else 0  # AutoTP's head all-reduces full logits on every rank
     return acts, logits
 
 
-# Calibration on this machine (llama-small, fp32, 2 ranks, block_size 64 and 512: docs/strategies.md): the
-# parts no formula above covers, in the units that explain them.
+# The fitted constants: set on the fit set of docs/memory_runs.json only (llama-small, fp32, 2 ranks, block 64:
+# bench/memory_runs.py), checked on its disjoint test set. The parts no formula above covers.
 RUNTIME_CPU = 58 * MiB
 """What a CPU rank adds above the framework's imports before its model: tokenizer, the tokenized data,
-gloo, Python objects (measured: the rank's RSS after building the task minus the model's fp32 parameters,
-55-60 MiB for llama-tiny on the built-in text sample)."""
+gloo, Python objects: the rank's RSS after building the task minus the model's fp32 parameters (58 MiB for
+llama-tiny on the built-in text sample)."""
 
 
 DATASETS_CPU = 67 * MiB
 """Data read through `datasets.load_dataset` (every source but the built-in text sample): its tables and
-builder, measured 120-130 MiB in all for llama-small on WikiText-2, i.e. this much above RUNTIME_CPU."""
+builder; with RUNTIME_CPU the fit set's "built" phase (121-122 MiB for llama-small on WikiText-2)."""
+
+
+TRAINING_CPU = 64 * MiB
+"""What a CPU rank's training adds beyond every tensor counted here: glibc's fragmentation, autograd's and
+DeepSpeed's objects, gloo's buffers. Fitted: the mean of (measured - predicted without it) over the fit set's
+rank peaks (tests/test_memory_predict.py recomputes it from docs/memory_runs.json)."""
 
 
 MMAP_MAX = 32 * MiB
@@ -245,7 +255,7 @@ def head_gradient(shape: Shape, setup: Setup) -> int:
     When every one of those tensors fits glibc's heap (MMAP_MAX) the freed log-softmax and its gradient stay
     resident beside it: all of it adds; when they are mmapped, only what exceeds the 8 B freed does."""
     grad = 4 * shape.vocab * shape.hidden // setup.tp
-    logit_tensor = 4 * setup.micro * setup.seq // setup.sp * shape.vocab // setup.tp
+    logit_tensor = 4 * setup.micro * setup.seq // setup.sp * shape.vocab
     if max(grad, logit_tensor) <= MMAP_MAX:
         return grad
     return max(grad - 2 * logit_tensor, 0)
@@ -290,6 +300,7 @@ def _rank_parts(shape: Shape, setup: Setup, k: int) -> tuple[int, dict[str, int]
         parts["ZeRO-3 gathers kept in the heap"] = int(ZERO3_HEAP_COPIES * 4 * band)
     if setup.device == "cpu":
         parts["runtime (data, tokenizer, gloo)"] = RUNTIME_CPU + (DATASETS_CPU if setup.datasets else 0)
+        parts["runtime of the training (fitted)"] = TRAINING_CPU
         full = shape.params
         if setup.pp > 1:  # the rest of the HF model stays referenced on every stage
             parts["the HF model's other stages"] = BUILT_BYTES * (full - P)
