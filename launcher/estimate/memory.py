@@ -4,11 +4,17 @@ Predicted (`predict`, plain arithmetic: `labs plan` imports no torch for it), pe
   model states for the run's real precision and optimizer (`model_state_bytes`: fp32 4 B params + 4 B grads
   + 8 B Adam moments, + ZeRO's 4 B fp32 master partition; bf16/fp16 DeepSpeed's mixed-precision accounting),
   partitioned by ZeRO stage over dp, pipeline stages holding only their layers, AutoTP splitting the matrices;
-  + activations (micro batch x sequence x (13h + 4i) per block, only block inputs under activation
-  checkpointing, the micro-batches a stage holds in flight under 1F1B) and the logits with the loss (fp32)
+  + activations (micro batch x sequence x (8h + 2kv + 4i) per block: what autograd saves in HF's Llama, a test
+  counts it on the real model; only block inputs under activation checkpointing; the micro-batches a stage
+  holds in flight under 1F1B) and the logits with the loss (fp32, 16 B per token and vocabulary entry) and the
+  head's weight gradient
   + communication buffers (ZeRO-0's flat gradient all-reduce, ZeRO's reduce bucket, ZeRO-3's prefetch and
-  live parameters) + the optimizer step's temporaries and ZeRO's flat copies (measured, see the constants)
-  + on CPU the task's runtime and the parts of the HF model every rank builds whole before it is split
+  live parameters) + AdamW's step temporaries (from torch's source: fused none, foreach one copy, for-loop two
+  of the largest tensor)
+  + on CPU glibc's heap (freed tensors up to 32 MiB stay resident: the parameters as built where the engine
+  replaces them, ZeRO-3's gathered ones), the parts of the HF model a pipeline stage keeps, and the runtime
+  (RUNTIME_CPU, DATASETS_CPU, TRAINING_CPU: fitted on the fit set of docs/memory_runs.json, checked on its
+  test set)
   + the framework's baseline: the RSS of a process that imported torch, deepspeed, transformers and datasets,
   measured once per machine and cached in $LABS_CACHE_DIR/memory_baseline.json.
 Measured (`PeakMeter`, in every rank): CPU, the high-water resident memory (VmHWM) after the first
@@ -47,8 +53,6 @@ def zero_model_state_bytes(stage: int, params: int, largest_layer: int, world: i
     raise ValueError(f"ZeRO stage {stage}")
 
 
-
-
 BUILT_BYTES = 4
 """Every rank builds the whole HF model in fp32 (tasks build it from config or load it) before the engine
 wraps it: pipeline ranks keep it whole (the HF model stays referenced), ZeRO and AutoTP replace its storage."""
@@ -76,6 +80,7 @@ class Setup:
     max_live: int = 1_000_000_000
     device: str = "cpu"
     trainable: int | None = None  # LoRA: the adapters (the base is frozen)
+    adam: str = "fused"  # torch's AdamW kernel: "fused", "foreach" or "for-loop" (torch's CPU default)
     datasets: bool = True  # the data comes through datasets.load_dataset (all but the built-in text sample)
 
     @property
@@ -91,6 +96,12 @@ class Setup:
         def num(key: str, default: int) -> int:
             v = zero.get(key, default)
             return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+        dev = device or ("cpu" if os.environ.get("DS_ACCELERATOR", "cpu") == "cpu" else "cuda")
+        opt = (cfg.get("optimizer") or {}).get("params") or {}
+        # torch.optim.AdamW through "torch_adam": fused if asked, else foreach on GPUs and the for-loop on CPU
+        # (torch's defaults); DeepSpeed's own Adam kernels (FusedAdam, DeepSpeedCPUAdam) update in place
+        adam = ("fused" if opt.get("fused") or not opt.get("torch_adam") else "foreach" if opt.get("foreach")
+                else "for-loop" if dev == "cpu" else "foreach")
         pipe_ckpt = (cfg.get("pipeline") or {}).get("activation_checkpoint_interval", 0) if layout.pp > 1 else 0
         return cls(stage=zero_stage(cfg), precision=precision(cfg), offload_optimizer=off_opt,
                    offload_param=off_param, dp=layout.dp, tp=layout.tp, pp=layout.pp, sp=getattr(layout, "sp", 1),
@@ -101,8 +112,8 @@ class Setup:
                    allgather_bucket=num("allgather_bucket_size", 500_000_000),
                    prefetch=num("stage3_prefetch_bucket_size", 50_000_000),
                    max_live=num("stage3_max_live_parameters", 1_000_000_000),
-                   device=device or ("cpu" if os.environ.get("DS_ACCELERATOR", "cpu") == "cpu" else "cuda"),
-                   trainable=trainable)
+                   device=dev,
+                   trainable=trainable, adam=adam)
 
 
 @dataclass
@@ -176,37 +187,43 @@ def model_state_bytes(params: int, setup: Setup, largest: int = 0) -> dict[str, 
 
 def activation_bytes(shape: Shape, setup: Setup, blocks: int, last: bool) -> tuple[int, int]:
     """(activations one micro-batch leaves for the backward pass in `blocks` blocks, the logits and loss
-    buffers at the start of the backward pass on the stage holding the head). Per token and block, HF's
-    Llama keeps about 13h + 4i elements (norm inputs and outputs, q/k/v and their rotated copies, the
-    attention output, gate/up/SiLU/product of the MLP; SDPA's flash path keeps no s x s matrix); with
-    activation checkpointing only each block's input (h) and one block recomputed. Logits: the fp32 logits,
-    their log-softmax and the two gradients, 16 B per token and vocabulary entry. AutoTP splits the q/k/v/MLP activations by tp; sequence parallelism the tokens."""
+    buffers at the start of the backward pass on the stage holding the head). Counted, not fitted: the
+    tensors autograd saves in HF's Llama with SDPA (tests/test_memory_predict.py counts them with
+    torch.autograd.graph.saved_tensors_hooks on the real model): per token and block 8h + 2kv + 4i elements:
+    each RMSNorm's input, normalised and scaled output (3h, twice), the rotated q (h) and k, v (kv each: SDPA
+    takes the KV heads as they are), the attention output (h), gate/up/SiLU/product of the MLP (4i); outside
+    the blocks the embedding output and the final norm (3h). With activation checkpointing only each block's
+    input (h) and one block recomputed. Logits: 16 B per token and vocabulary entry, the fp32 logits (held by
+    the model's output), the log-softmax cross-entropy saves, and at the start of the backward pass the
+    gradients of both. AutoTP splits the attention and MLP activations by tp (the norms stay whole, and its
+    head's LinearAllreduce gives every rank the full logits); sequence parallelism the tokens."""
     e = 4 if setup.precision == "fp32" else 2
     tokens = setup.micro * setup.seq // setup.sp
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * (shape.hidden // shape.heads)
-    per_block = tokens * e * (6 * h + (7 * h + 2 * kv - 2 * h + 4 * i) // setup.tp)  # 13h + 4i for MHA, tp 1
+    per_block = tokens * e * (6 * h + (2 * h + 2 * kv + 4 * i) // setup.tp)
     acts = blocks * tokens * e * h + per_block if setup.checkpointing else blocks * per_block
-    acts += tokens * e * 2 * h  # embedding output, final norm
-    logits = tokens * shape.vocab * 16 // setup.tp if last else 0
+    acts += tokens * e * 3 * h  # embedding output, final norm
+    logits = tokens * shape.vocab * 16 if last else 0  # AutoTP's head all-reduces full logits on every rank
     return acts, logits
 
 
-# Calibration on this machine (llama-small, fp32, 2 ranks, block_size 64 and 512: docs/strategies.md): the
-# parts no formula above covers, in the units that explain them.
+# The fitted constants: set on the fit set of docs/memory_runs.json only (llama-small, fp32, 2 ranks, block 64:
+# bench/memory_runs.py), checked on its disjoint test set. The parts no formula above covers.
 RUNTIME_CPU = 58 * MiB
 """What a CPU rank adds above the framework's imports before its model: tokenizer, the tokenized data,
-gloo, Python objects (measured: the rank's RSS after building the task minus the model's fp32 parameters,
-55-60 MiB for llama-tiny on the built-in text sample)."""
+gloo, Python objects: the rank's RSS after building the task minus the model's fp32 parameters (58 MiB for
+llama-tiny on the built-in text sample)."""
 
 
 DATASETS_CPU = 67 * MiB
 """Data read through `datasets.load_dataset` (every source but the built-in text sample): its tables and
-builder, measured 120-130 MiB in all for llama-small on WikiText-2, i.e. this much above RUNTIME_CPU."""
+builder; with RUNTIME_CPU the fit set's "built" phase (121-122 MiB for llama-small on WikiText-2)."""
 
 
-ZERO_COPIES = {1: 1.0, 2: 1.0}
-"""ZeRO-1/2 flatten the parameters into their bit16 groups and copy the fp32 gradient partition around the
-step: one more fp32 copy of the rank's parameters, measured (llama-small and llama-58m on CPU)."""
+TRAINING_CPU = 75 * MiB
+"""What a CPU rank's training adds beyond every tensor counted here: glibc's fragmentation, autograd's and
+DeepSpeed's objects, gloo's buffers. Fitted: the mean of (measured - predicted without it) over the fit set's
+rank peaks (tests/test_memory_predict.py recomputes it from docs/memory_runs.json)."""
 
 
 MMAP_MAX = 32 * MiB
@@ -220,11 +237,36 @@ this many copies of them (measured: llama-small's 31 MiB embedding and head; lla
 mmapped and returned, and nothing is left)."""
 
 
-OPT_STEP_COPIES = 2
-"""torch's foreach AdamW allocates temporaries of the parameters it updates (sqrt of the second moment,
-the update): about two fp32 copies during the step. Measured: with gradient accumulation they add to the
-communication buffers; with one micro-batch per step they reuse the buffers' freed memory (llama-small, ZeRO-0:
-peak 544-577 MiB with one micro-batch of 2 x 64 tokens, 694-700 MiB with two)."""
+def optimizer_temporaries(setup: Setup, updated: int, largest: int) -> int:
+    """What torch's AdamW allocates during the step, from its source (torch/optim/adam.py): the fused kernel
+    updates in place (nothing); foreach takes the square root of every second moment at once (one fp32 copy of
+    what the rank updates); the for-loop (torch's default on CPU) makes the root and its quotient one tensor at
+    a time (two copies of the largest tensor it updates: ZeRO's optimizers update one flat fp32 partition)."""
+    if setup.adam == "fused":
+        return 0
+    if setup.adam == "foreach":
+        return 4 * updated
+    return 2 * 4 * (updated if setup.stage >= 1 else min(largest, updated))
+
+
+def head_gradient(shape: Shape, setup: Setup) -> int:
+    """The first tensor the backward pass makes after the loss's: the output layer's weight gradient (vocabulary x
+    hidden, fp32), while the logits and their gradient are alive (8 of the 16 B per token and vocabulary entry).
+    When every one of those tensors fits glibc's heap (MMAP_MAX) the freed log-softmax and its gradient stay
+    resident beside it: all of it adds; when they are mmapped, only what exceeds the 8 B freed does."""
+    grad = 4 * shape.vocab * shape.hidden // setup.tp
+    logit_tensor = 4 * setup.micro * setup.seq // setup.sp * shape.vocab
+    if max(grad, logit_tensor) <= MMAP_MAX:
+        return grad
+    return max(grad - 2 * logit_tensor, 0)
+
+
+def heap_kept(shape: Shape, params: int) -> int:
+    """Bytes of `params` parameters (fp32) whose tensors glibc keeps in its heap once freed: all but those
+    above its largest mmap threshold (MMAP_MAX), which go back to the OS (the embeddings and head of the
+    larger models)."""
+    big = sum(n for n in (shape.embed, shape.head) if 4 * n > MMAP_MAX)
+    return 4 * max(params - big, 0)
 
 
 def _rank_parts(shape: Shape, setup: Setup, k: int) -> tuple[int, dict[str, int]]:
@@ -238,6 +280,8 @@ def _rank_parts(shape: Shape, setup: Setup, k: int) -> tuple[int, dict[str, int]
     acts, logits = activation_bytes(shape, setup, blocks[k], last)
     parts["activations" + (f" ({in_flight} micro-batches in flight)" if in_flight > 1 else "")] = acts * in_flight
     parts["logits + loss"] = logits
+    if last:
+        parts["logits + loss: the head's weight gradient"] = head_gradient(shape, setup)
     trained = setup.trainable if setup.trainable is not None else P
     opt_p = trained if setup.stage == 0 else trained // (setup.dp * setup.sp)
     buffers = 0
@@ -248,22 +292,20 @@ def _rank_parts(shape: Shape, setup: Setup, k: int) -> tuple[int, dict[str, int]
     if setup.stage == 3:
         buffers += 4 * min(setup.prefetch, shape.params) + 4 * min(setup.max_live, shape.params)
     parts["communication buffers"] = buffers
-    temps = OPT_STEP_COPIES * 4 * opt_p
-    if setup.grad_accum == 1:  # measured: with one micro-batch per step the step reuses the freed buffers
-        temps = max(temps - buffers, 0)
-    parts["optimizer step temporaries"] = temps
-    if setup.stage in (1, 2):
-        parts["ZeRO flat copies"] = int(ZERO_COPIES[setup.stage] * 4 * trained)
+    parts["optimizer step temporaries"] = optimizer_temporaries(setup, opt_p, shape.embed // setup.tp)
+    if setup.stage in (1, 2) and setup.device == "cpu":  # the parameters as built, freed once flattened
+        parts["ZeRO flat copies (the parameters as built, kept in the heap)"] = heap_kept(shape, trained)
     if setup.stage == 3 and setup.device == "cpu":
         band = sum(n for n in (shape.embed, shape.head) if MMAP_MAX // 2 < 4 * n <= MMAP_MAX)
         parts["ZeRO-3 gathers kept in the heap"] = int(ZERO3_HEAP_COPIES * 4 * band)
     if setup.device == "cpu":
         parts["runtime (data, tokenizer, gloo)"] = RUNTIME_CPU + (DATASETS_CPU if setup.datasets else 0)
+        parts["runtime of the training (fitted)"] = TRAINING_CPU
         full = shape.params
         if setup.pp > 1:  # the rest of the HF model stays referenced on every stage
             parts["the HF model's other stages"] = BUILT_BYTES * (full - P)
         elif setup.tp > 1 or setup.stage == 3:  # the whole model built before AutoTP / ZeRO-3 replaced it
-            parts["the HF model as built"] = BUILT_BYTES * full
+            parts["the HF model as built (kept in the heap)"] = heap_kept(shape, full)
     return P, parts
 
 
