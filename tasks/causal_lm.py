@@ -28,7 +28,8 @@ from tasks import smollm2
 from tasks.api import LabsError, cache_dir
 from tasks.presets import PRESETS, VOCAB, config_kwargs
 
-__all__ = ["build_causal_lm", "builtin_tokenizer", "cache_dir", "check_loadable", "load_tokenizer", "preset_config"]
+__all__ = ["build_causal_lm", "builtin_tokenizer", "cache_dir", "check_loadable", "greedy_samples", "load_tokenizer",
+           "preset_config"]
 
 
 def _materialize(kind: str, folder: Path) -> None:
@@ -141,3 +142,23 @@ def build_causal_lm(name: str, tokenizer: str | None = None):
         raise LabsError(f"could not load model {name!r} ({type(e).__name__}: {str(e)[:200]}); offline? "
                         f"give a local folder (--set model.name=/path) or a preset ({', '.join(PRESETS)})") from None
     return model, tok
+
+
+def greedy_samples(model, tokenizer, prompts: list[str], new_tokens: int, synced: bool = False) -> list[dict[str, str]]:
+    """Greedy continuations of `prompts` by HF `generate` (no sampling: the same weights give the same text),
+    one {"prompt", "answer"} each. `synced`: every rank of a ZeRO-3 or tensor-parallel group calls this with the
+    same prompts (HF's synced_gpus keeps their forwards in step)."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            enc = tokenizer(prompt, return_tensors="pt").to(dev)
+            ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                 max_new_tokens=new_tokens, do_sample=False,
+                                 num_beams=1, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
+            answer = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            out.append({"prompt": prompt, "answer": answer})
+    model.train(was_training)
+    return out
