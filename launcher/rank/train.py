@@ -260,11 +260,13 @@ def fit(r: Run) -> str | None:
 
 def samples(r: Run) -> dict[str, Any]:
     """The greedy answers to the job's train.sample_prompts as the model stands now (metrics.jsonl "samples")."""
-    t = r.job.train
+    t, t0 = r.job.train, time.perf_counter()
     out = generate_samples(r.strategy, r.parts, r.layout, int(r.cfg.get("zero_optimization", {}).get("stage", 0)),
                            t.sample_prompts, t.sample_tokens)
     if out:
         r.metrics.write({"kind": "samples", "step": r.step, **out})
+        log.info("samples @ step %d: %s (%.1f s)", r.step, "; ".join(f"{x['prompt']!r} -> {x['answer']!r}" for x in
+                 out.get("samples", [])) or f"skipped: {out['skipped']}", time.perf_counter() - t0)
     return out
 
 

@@ -252,7 +252,8 @@ def hparams_line(cfg: dict[str, Any], filled: list[str], train: Any, mode_why: s
     else:
         parts = [f"lr {opt.get('lr', '?')} ({source('optimizer.params.lr')})"]
     if "warmup_num_steps" in params:
-        parts.append(f"warm-up {params['warmup_num_steps']} steps ({source('scheduler.params.warmup_num_steps')}; "
+        warm = params["warmup_num_steps"]
+        parts.append(f"warm-up {warm} step{'' if warm == 1 else 's'} ({source('scheduler.params.warmup_num_steps')}; "
                      f"{params.get('warmup_type', 'log')} from {params.get('warmup_min_lr', 0)}, {sched.get('type')})")
     if "total_num_steps" in params:
         parts.append(f"decay over {params['total_num_steps']} steps ({source('scheduler.params.total_num_steps')})")
