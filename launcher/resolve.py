@@ -71,6 +71,7 @@ def apply_dry_run(job: Job) -> None:
     job.data.max_eval_samples = min(job.data.max_eval_samples or 16, 16)
     job.data.block_size = min(job.data.block_size, 32)
     job.train.max_steps = min(job.train.max_steps or 3, 3)
+    job.train.sample_tokens = min(job.train.sample_tokens, 8)  # greedy samples: one forward per token
     job.train.epochs = 1
     if job.train.checkpoint is None:  # a dry run keeps no checkpoint unless asked (train.checkpoint=true)
         job.train.checkpoint = False
