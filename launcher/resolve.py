@@ -15,7 +15,7 @@ from launcher.common.layout import Layout, valid_layouts
 from launcher.common.proc import accelerator, extensions_dir
 from launcher.common.run_dir import REPO
 from launcher.common.text import parse_duration
-from launcher.config.ds.auto import resolve_auto
+from launcher.config.ds.auto import hparams_line, job_values, resolve_auto
 from launcher.config.ds.load import load_ds_config, offload, resolve_batch, set_dotted, strip_comments, zero_stage
 from launcher.config.ds.optim import ops_needed
 from launcher.config.ds.validate import check_keys, validate
@@ -71,6 +71,7 @@ def apply_dry_run(job: Job) -> None:
     job.data.max_eval_samples = min(job.data.max_eval_samples or 16, 16)
     job.data.block_size = min(job.data.block_size, 32)
     job.train.max_steps = min(job.train.max_steps or 3, 3)
+    job.train.sample_tokens = min(job.train.sample_tokens, 8)  # greedy samples: one forward per token
     job.train.epochs = 1
     if job.train.checkpoint is None:  # a dry run keeps no checkpoint unless asked (train.checkpoint=true)
         job.train.checkpoint = False
@@ -112,6 +113,18 @@ def _check_model(job: Job) -> tuple[int, int] | None:
             f"({', '.join(PRESETS)})"
         )
     return None
+
+
+def from_scratch(job: Job) -> tuple[bool, str]:
+    """Whether the run trains from scratch (the defaults of lr and warm-up follow), and why: the job's
+    train.from_scratch, else the model (a preset built from config has random weights; anything else loads
+    pretrained ones)."""
+    name, said = job.model.name, job.train.from_scratch
+    if said is not None:
+        return said, f"{'training from scratch' if said else 'fine-tuning'}: train.from_scratch = {str(said).lower()}"
+    if name in PRESETS and not PRESETS[name].get("weights"):
+        return True, f"training from scratch: model.name = {name} is built from config with random weights"
+    return False, f"fine-tuning: model.name = {name} loads pretrained weights"
 
 
 def _check_strategy(job: Job, cfg: dict[str, Any], layout: Layout) -> None:
@@ -221,14 +234,11 @@ def resolve(job_path: str | None, *, ds_config: str | None = None, hostfile: str
         on_layout(cfg, layout)
     _check_strategy(job, cfg, layout)
     cfg = _add_optimizer(cfg, notes)
-    t = job.train
-    cfg, resolved = resolve_auto(
-        cfg, job.ds_config, dp=layout.dp, hidden_size=hidden_size_of(model_config(job)),
-        job_values={"lr": t.lr, "betas": t.betas, "eps": t.eps, "weight_decay": t.weight_decay,
-                    "warmup_steps": t.warmup_steps, "total_steps": t.max_steps, "max_grad_norm": t.max_grad_norm,
-                    "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "bf16": t.bf16, "fp16": t.fp16},
-        accelerator=accelerator())
+    scratch, mode_why = from_scratch(job)
+    cfg, resolved = resolve_auto(cfg, job.ds_config, dp=layout.dp, hidden_size=hidden_size_of(model_config(job)),
+                                 job_values=job_values(job.train, scratch, mode_why), accelerator=accelerator())
     notes += [f"auto: {r}" for r in resolved]
+    notes.append(hparams_line(cfg, resolved, job.train, mode_why))
     cfg = resolve_batch(cfg, layout.dp, job.ds_config)
     notes += [f"DeepSpeed: {w}" for w in validate(cfg, job.ds_config, world=layout.dp,
                                                              accelerator=accelerator())]

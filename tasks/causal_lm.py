@@ -28,7 +28,8 @@ from tasks import smollm2
 from tasks.api import LabsError, cache_dir
 from tasks.presets import PRESETS, VOCAB, config_kwargs
 
-__all__ = ["build_causal_lm", "builtin_tokenizer", "cache_dir", "check_loadable", "load_tokenizer", "preset_config"]
+__all__ = ["build_causal_lm", "builtin_tokenizer", "cache_dir", "check_loadable", "greedy_samples", "load_tokenizer",
+           "preset_config"]
 
 
 def _materialize(kind: str, folder: Path) -> None:
@@ -141,3 +142,24 @@ def build_causal_lm(name: str, tokenizer: str | None = None):
         raise LabsError(f"could not load model {name!r} ({type(e).__name__}: {str(e)[:200]}); offline? "
                         f"give a local folder (--set model.name=/path) or a preset ({', '.join(PRESETS)})") from None
     return model, tok
+
+
+def greedy_samples(model, tokenizer, prompts: list[str], new_tokens: int, synced: bool = False) -> list[dict[str, str]]:
+    """Greedy continuations of `prompts` by HF `generate` (no sampling: the same weights give the same text),
+    one {"prompt", "answer"} each, all prompts in one left-padded batch (one forward per new token: under ZeRO-3
+    each forward gathers the parameters). `synced`: every rank of a ZeRO-3 or tensor-parallel group calls this
+    with the same prompts (HF's synced_gpus keeps their forwards in step)."""
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # generation appends on the right: the prompts must end together
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+        with torch.no_grad():
+            ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                 max_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                                 pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    answers = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]

@@ -37,9 +37,12 @@ AUTO_CFG = {  # the shape of transformers' ds_config_zero3.json, "auto" everywhe
 
 
 def base(**changes) -> dict:
-    cfg = load_ds_config(REPO / "ds_configs" / "zero2.json")
-    cfg["train_batch_size"] = 8  # what "auto" becomes on 2 ranks (micro batch 2 x accumulation 2 x dp 2)
-    cfg["bf16"] = {"enabled": False}  # "auto": what a job without train.bf16 gets
+    # its "auto" values as a job training from scratch on 2 ranks fills them: train_batch_size 8 (micro batch 2 x
+    # accumulation 2 x dp 2), lr 3e-3 and 5 warm-up steps, bf16 off (a job without train.bf16)
+    cfg, _ = resolve_auto(load_ds_config(REPO / "ds_configs" / "zero2.json"), PATH, dp=2, hidden_size=None,
+                          job_values={"from_scratch": True})
+    assert cfg["train_batch_size"] == 8 and cfg["bf16"] == {"enabled": False}
+    assert cfg["scheduler"]["params"] == {"warmup_min_lr": 0, "warmup_max_lr": 3e-3, "warmup_num_steps": 5}
     cfg.update(changes)
     return cfg
 

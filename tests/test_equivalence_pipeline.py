@@ -36,6 +36,8 @@ def test_pipeline_and_model_parallel_equal_one_rank(config, micro_batches, one_r
     rd = run(tmp_path, f"ds_configs/{config}.json", 2)
     assert_equivalent(rd, one_rank, TOL)
     _check_stages(rd, one_rank, micro_batches)
+    s = summary(rd)  # no samples under a pipeline, and the summary says why
+    assert s["samples_after"] is None and s["samples_skipped"].startswith("pipeline parallel: ")
 
 
 def test_pipeline_with_activation_checkpointing_equals_one_rank(one_rank, tmp_path):

@@ -35,6 +35,10 @@ def test_tensor_parallel_equals_one_rank_and_splits_matrices(ckpt, one_rank, tmp
         split = 2 * (4 * hd * hd + 3 * hd * i) + VOCAB * hd  # the blocks' linears + the head
         assert r["params_local"] == ref["params_local"] - split // tp
     assert [r["tp_rank"] for r in ranks] == [0, 1]
+    # HF generate on the AutoTP-sliced model (both ranks in step) answers the prompts as the one rank does
+    s, one = summary(rd), summary(one_rank)
+    assert s["samples_before"] == one["samples_before"] and s["samples_after"] == one["samples_after"]
+    assert s["samples_after"] and s["samples_after"] != s["samples_before"]
     if ckpt:  # HF says so when gradient checkpointing is on
         assert "incompatible with gradient checkpointing" in (rd / "logs" / "rank0.log").read_text()
 
@@ -56,6 +60,7 @@ def test_sequence_parallel_equals_one_rank_and_splits_the_sequence(ckpt, one_ran
     s = summary(rd)
     assert s["layout"] == "world 2 = dp 1 x tp 1 x pp 1 x sp 2"
     assert [r["seq_slice"] for r in s["ranks"]] == [[0, 16], [16, 32]]
+    assert s["samples_after"] is None and s["samples_skipped"].startswith("sequence parallel: ")
     for r in s["ranks"]:
         assert r["strategy"] == "sequence_parallel" and r["seq_len"] == 32
         # all heads of 16 tokens before the all-to-all, half the heads of all 32 tokens after it

@@ -153,6 +153,9 @@ def test_simple_model_dry_run_two_ranks_zero2(ds_ops, tmp_path):
     assert_ok(proc)
     s = summary(run)
     assert s["world"] == 2 and s["zero_stage"] == 2 and 0.0 <= s["accuracy"] <= 1.0
+    assert read_metrics(run, "eval")[0]["step"] == 0 and 0.0 <= s["eval_before"]["accuracy"] <= 1.0
+    assert s["samples_before"] is None and s["samples_after"] is None  # a classifier generates nothing
+    assert "accuracy (step 0 -> end)" in proc.stdout
     ev = read_metrics(run, "eval")[-1]
     assert {"acc_world", "acc_sports", "acc_business", "acc_sci_tech"} <= set(ev)
     assert (run / "hf" / "model.safetensors").is_file()
@@ -174,7 +177,17 @@ def test_tinyllama_lora_dry_run_two_ranks_zero3_adapter_loads(ds_ops, tmp_path):
     proc, run = launch("jobs/tinyllama_lora.yaml", tmp_path, "--dry_run", "--ds-config", "ds_configs/zero3.json")
     assert_ok(proc)
     assert "% trainable" in proc.stdout
-    assert summary(run)["zero_stage"] == 3
+    s = summary(run)
+    assert s["zero_stage"] == 3
+    # before -> after: the step-0 evaluation, and greedy answers generated under ZeRO-3 (parameters gathered,
+    # both ranks in step) to the default prompts, 8 new tokens each (a dry run's), in the summary and metrics.jsonl
+    assert read_metrics(run, "eval")[0]["step"] == 0 and s["eval_before"]["eval_loss"] > 0
+    prompts = ["The capital of France is", "Once upon a time"]
+    for key in ("samples_before", "samples_after"):
+        assert [x["prompt"] for x in s[key]] == prompts and all(x["answer"].strip() for x in s[key]), s[key]
+    assert [r["step"] for r in read_metrics(run, "samples")] == [0, s["steps"]]
+    assert "greedy samples (8 new tokens), before -> after training:" in proc.stdout
+    assert "eval loss (step 0 -> end)" in proc.stdout
     probe = torch.load(run / "probe_logits.pt")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "hf" / "base"),
                                       run / "hf" / "adapter").eval()

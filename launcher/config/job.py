@@ -76,6 +76,10 @@ class DataSection:
             raise FieldError("column_names", self.column_names, "each column needs its own name")
 
 
+SAMPLE_PROMPTS = ("The capital of France is", "Once upon a time")
+"""train.sample_prompts' default: two short prompts, continued greedily before and after training."""
+
+
 @dataclass
 class TrainSection:
     epochs: int = checked(at_least(1, "passes over the training data"), 1)
@@ -84,7 +88,12 @@ class TrainSection:
     seed: int = checked(Rule(lambda v: 0 <= v < 2**32, "it must be in [0, 2**32) (NumPy's seeds are 32-bit)"), 42)
     log_every: int = checked(at_least(1, "it logs every N steps"), 1)
     eval_every: int = checked(at_least(0, "it evaluates every N steps; 0: at the end of each epoch"), 0)
-    """Evaluate every N steps (0: at the end of each epoch)."""
+    """Evaluate every N steps (0: at the end of each epoch); every run also evaluates at step 0 and at the end."""
+    sample_prompts: list[str] = checked(non_empty("a prompt the model continues", each=True),
+                                        factory=lambda: list(SAMPLE_PROMPTS))
+    """Causal-LM labs: prompts answered greedily before and after training (summary.json samples_before /
+    samples_after); [] generates none."""
+    sample_tokens: int = checked(between(1, 512, "new tokens generated per prompt"), 16)
     save_every: int = checked(at_least(0, "it saves a checkpoint every N steps; 0: only at the end"), 0)
     """Save a DeepSpeed checkpoint every N steps (0: only at the end)."""
     output_dir: str = checked(PATH_RULE, "runs")
@@ -105,13 +114,23 @@ class TrainSection:
     ends them (a second signal ends them at once)."""
     # What a DeepSpeed config's "auto" values, and the optimizer and scheduler built when the config has
     # none, are made of (as the HF Trainer fills them from its TrainingArguments); null: its defaults.
+    from_scratch: bool | None = None
+    """What the run is, which picks the defaults of lr, warm-up and weight decay below: true trains a model that
+    starts from random weights (a preset built from config; lr 3e-3, 5 warm-up steps, weight decay 0.01, what the
+    shipped configs hard-coded before), false fine-tunes pretrained weights (lr 5e-5 and weight decay 0 as the HF
+    Trainer's defaults, 10 warm-up steps). null: from model.name (a preset built from config trains from scratch;
+    smollm2-135m, minilm-l6, a model folder or a hub id fine-tunes). It never re-initialises loaded weights."""
     lr: float | None = checked(Rule(lambda v: 0 < v < 10, "a learning rate in (0, 10)"), None)
-    """Peak learning rate (null: 5e-5, the HF Trainer's default)."""
+    """Peak learning rate (null: 3e-3 from scratch, 5e-5 fine-tuning, see from_scratch)."""
     betas: list[float] | None = checked(Rule(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
                                              "two numbers in [0, 1), e.g. [0.9, 0.95]"), None)
     eps: float | None = checked(Rule(lambda v: 0 < v < 1, "a small positive number, e.g. 1e-8"), None)
     weight_decay: float | None = checked(Rule(lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.01"), None)
-    warmup_steps: int | None = checked(at_least(0, "learning-rate warm-up steps"), None)
+    """AdamW weight decay (null: 0.01 from scratch, 0 fine-tuning)."""
+    warmup_steps: int | float | None = checked(Rule(lambda v: (isinstance(v, int) and v >= 0) or 0 < v < 1,
+                                                    "warm-up steps >= 0, or a ratio of the run's steps in (0, 1) "
+                                                    "(as the HF Trainer reads a float), e.g. 10 or 0.1"), None)
+    """Learning-rate warm-up steps, or a ratio (0, 1) of train.max_steps (null: 5 from scratch, 10 fine-tuning)."""
     max_grad_norm: float | None = checked(Rule(lambda v: v >= 0, "a gradient-norm clip >= 0 (0: no clipping)"), None)
     micro_batch: int | None = checked(at_least(1, "samples per rank per forward"), None)
     """train_micro_batch_size_per_gpu when the DeepSpeed config leaves it to "auto"."""

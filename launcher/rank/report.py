@@ -97,6 +97,8 @@ def eval_sums(task, strategy, parts, layout, dp_rank: int, mb: int) -> dict[str,
 
     n = len(parts.eval_data)
     dev = device()
+    grad = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)  # an evaluation keeps no graph (nor its memory: the step-0 eval comes first)
     mine = list(range(dp_rank, n, layout.dp))
     n_batches = math.ceil(math.ceil(n / layout.dp) / mb)
     sums: dict[str, float] = {}
@@ -108,6 +110,7 @@ def eval_sums(task, strategy, parts, layout, dp_rank: int, mb: int) -> dict[str,
         batch = to_device(parts.collate([parts.eval_data[j] for j in (idx or mine[:1] or [0])]), dev)
         for k, v in task.eval_batch(strategy.forward(batch), batch).items():
             sums[k] = sums.get(k, 0.0) + weight * v
+    torch.set_grad_enabled(grad)
     keys = sorted(sums)
     t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=dev)
     if dist.is_initialized() and layout.dp > 1:
@@ -116,10 +119,68 @@ def eval_sums(task, strategy, parts, layout, dp_rank: int, mb: int) -> dict[str,
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+SKIP_GENERATION = {
+    "pipeline": "pipeline parallel: each stage holds some of the layers, and HF generate needs the whole model in "
+                "one process (the exported hf/ folder generates)",
+    "sequence": "sequence parallel: the attention expects every rank's slice of each sequence, which generate's "
+                "one-token steps do not give (the exported hf/ folder generates)",
+}
+"""Layouts where the before/after samples are skipped, with the reason the summary gives."""
+
+
+def generate_samples(strategy, parts, layout, zero_stage: int, prompts: list[str], tokens: int) -> dict[str, Any]:
+    """Greedy answers of the model as it stands to `prompts` ({"samples": [...]}), or why there are none
+    ({"skipped": reason}); {} for a model that does not generate (a classifier). Data and tensor parallel
+    (ZeRO 0-3) generate on every rank in step (ZeRO-3 gathers the parameters, AutoTP all-reduces)."""
+    if not prompts:
+        return {}
+    if layout.pp > 1 or layout.sp > 1:
+        return {"skipped": SKIP_GENERATION["pipeline" if layout.pp > 1 else "sequence"]}
+    model = strategy.module
+    try:
+        generates = bool(model.can_generate())
+    except AttributeError:
+        generates = False
+    if not generates:
+        return {}
+    # keeps torch, DeepSpeed and transformers out of the labs process (tasks.causal_lm imports them)
+    from tasks.causal_lm import greedy_samples
+    synced = zero_stage == 3 or layout.tp > 1
+    return {"samples": greedy_samples(model, parts.tokenizer, prompts, tokens, synced=synced)}
+
+
+def before_from_metrics(path: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """A resumed run's step-0 evaluation and samples, as its first start recorded them in metrics.jsonl."""
+    ev: dict[str, float] = {}
+    samples: dict[str, Any] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        rec = json.loads(line)
+        if rec.get("step") == 0 and rec.get("kind") == "eval" and not ev:
+            ev = {k: v for k, v in rec.items() if k not in ("kind", "step")}
+        elif rec.get("step") == 0 and rec.get("kind") == "samples" and not samples:
+            samples = {k: v for k, v in rec.items() if k in ("samples", "skipped")}
+    return ev, samples
+
+
+def _sample_rows(s: dict[str, Any]) -> list[str]:
+    if s.get("samples_skipped"):
+        return [f"  samples: none ({s['samples_skipped']})"]
+    before, after = s.get("samples_before") or [], s.get("samples_after") or []
+    if not after:
+        return []
+    lines = [f"  greedy samples ({s.get('sample_tokens', '?')} new tokens), before -> after training:"]
+    for i, a in enumerate(after):
+        b = before[i]["answer"] if i < len(before) else "?"
+        lines.append(f"    {a['prompt']!r}: {b!r} -> {a['answer']!r}")
+    return lines
+
+
 def print_summary(s: dict[str, Any]) -> None:
     rows = [("steps", s["steps"]), ("layout", s["layout"]), ("ZeRO stage", s["zero_stage"]),
             ("final train loss", f"{s['final_train_loss']:.4f}")]
-    rows += [(k.replace("_", " "), f"{v:.4f}") for k, v in s.items()
+    before = s.get("eval_before") or {}
+    rows += [(k.replace("_", " ") + (" (step 0 -> end)" if k in before else ""),
+              (f"{before[k]:.4f} -> " if k in before else "") + f"{v:.4f}") for k, v in s.items()
              if k in ("eval_loss", "perplexity", "accuracy")]
     # keeps torch and DeepSpeed out of the labs process
     from launcher.rank.meters import summary_row
@@ -127,4 +188,4 @@ def print_summary(s: dict[str, Any]) -> None:
              ("train time", f"{s['train_time_s']:.1f} s"),
              ("model saved to", s["model_dir"] or "not exported (train.export: false)"), ("checkpoints", s["checkpoint_dir"] or "none kept (train.checkpoint: false, as in dry runs)")]
     width = max(len(k) for k, _ in rows)
-    print("\n== summary\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
+    print("\n== summary\n" + "\n".join([f"  {k:<{width}}  {v}" for k, v in rows] + _sample_rows(s)), flush=True)

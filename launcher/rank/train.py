@@ -46,7 +46,16 @@ from launcher.config.schema import build_section
 from launcher.parallel.build import build_strategy
 from launcher.rank import mfu
 from launcher.rank.meters import PeakMeter, write_memory_record
-from launcher.rank.report import Metrics, comms_summary, eval_sums, print_summary, rank_info, stop_early
+from launcher.rank.report import (
+    Metrics,
+    before_from_metrics,
+    comms_summary,
+    eval_sums,
+    generate_samples,
+    print_summary,
+    rank_info,
+    stop_early,
+)
 from launcher.rank.setup import (
     StopRequest,
     log,
@@ -85,6 +94,8 @@ class Run:
     tokens_seen: int = 0
     local_samples: int = 0
     eval_result: dict[str, float] = field(default_factory=dict)
+    eval_before: dict[str, float] = field(default_factory=dict)
+    samples_before: dict[str, Any] = field(default_factory=dict)
     last_eval: int = -1
     last_save: int = -1
 
@@ -218,10 +229,11 @@ def fit(r: Run) -> str | None:
     sampler, data, steps_per_epoch, total = loader(r)
     if r.args.resume:
         resume(r)
+    before(r)
     bar = tqdm(total=total, initial=r.step, disable=r.rank != 0, desc="train", unit="step",
                dynamic_ncols=True, mininterval=1.0, file=sys.stdout)
     ga, train = r.cfg["gradient_accumulation_steps"], r.job.train
-    r.last_eval = r.last_save = -1
+    r.last_eval, r.last_save = (0 if r.step == 0 else -1), -1
     stopped, dev = None, device()
     while r.step < total and not stopped:
         epoch = r.step // steps_per_epoch
@@ -244,6 +256,27 @@ def fit(r: Run) -> str | None:
             r.eval_result, r.last_eval = evaluate(r), r.step
     bar.close()
     return stopped
+
+
+def samples(r: Run) -> dict[str, Any]:
+    """The greedy answers to the job's train.sample_prompts as the model stands now (metrics.jsonl "samples")."""
+    t, t0 = r.job.train, time.perf_counter()
+    out = generate_samples(r.strategy, r.parts, r.layout, int(r.cfg.get("zero_optimization", {}).get("stage", 0)),
+                           t.sample_prompts, t.sample_tokens)
+    if out:
+        r.metrics.write({"kind": "samples", "step": r.step, **out})
+        log.info("samples @ step %d: %s (%.1f s)", r.step, "; ".join(f"{x['prompt']!r} -> {x['answer']!r}" for x in
+                 out.get("samples", [])) or f"skipped: {out['skipped']}", time.perf_counter() - t0)
+    return out
+
+
+def before(r: Run) -> None:
+    """The model before training: the step-0 evaluation and samples (a resumed run reads its first start's)."""
+    if r.step == 0:
+        r.samples_before = samples(r)
+        r.eval_before = evaluate(r)
+    elif r.rank == 0:
+        r.eval_before, r.samples_before = before_from_metrics(r.run_dir / METRICS)
 
 
 def step_once(r: Run, micro: list[dict[str, torch.Tensor]], epoch: int, total: int) -> None:
@@ -294,6 +327,7 @@ def finish(r: Run) -> dict[str, Any]:
     """Evaluate and save the last step if not done yet, export, drop unwanted checkpoints, write the summary."""
     if r.step != r.last_eval:
         r.eval_result = evaluate(r)
+    after = samples(r)
     if r.step != r.last_save:
         save(r)
     comms_summary(r.cfg, r.run_dir, r.rank)
@@ -305,7 +339,9 @@ def finish(r: Run) -> dict[str, Any]:
         dist.barrier()
     summary = {"task": r.job.task, "steps": r.step, "world": r.layout.world, "layout": r.layout.describe(),
                "zero_stage": r.cfg.get("zero_optimization", {}).get("stage", 0),
-               "final_train_loss": r.loss, **r.eval_result,
+               "final_train_loss": r.loss, **r.eval_result, "eval_before": r.eval_before,
+               "samples_before": r.samples_before.get("samples"), "samples_after": after.get("samples"),
+               "samples_skipped": after.get("skipped"), "sample_tokens": r.job.train.sample_tokens,
                "tokens_per_s": r.tokens_seen / r.train_time if r.train_time else 0.0,
                **mfu.summary_fields(r.parts.model, r.tokens_seen, r.train_time),
                "train_time_s": r.train_time, "run_dir": str(r.run_dir),

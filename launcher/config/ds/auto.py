@@ -7,6 +7,7 @@ DeepSpeed's pydantic models drop any other "auto" silently (their default applie
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from launcher.common.errors import LabsError
@@ -21,6 +22,25 @@ JOB_DEFAULTS: dict[str, Any] = {
 learning_rate, adam_beta1/2, adam_epsilon, weight_decay, warmup_steps, max_steps (no default: the
 Trainer counts the data), max_grad_norm, per_device_train_batch_size, gradient_accumulation_steps,
 bf16, fp16) for keys the job leaves out or sets to None."""
+
+
+MODE_DEFAULTS: dict[bool, dict[str, Any]] = {
+    True: {"lr": 3e-3, "warmup_steps": 5, "weight_decay": 0.01},
+    False: {"lr": 5e-5, "warmup_steps": 10, "weight_decay": 0.0},
+}
+"""The defaults that depend on what the run is (job_values["from_scratch"], the job's train.from_scratch):
+from scratch, what the shipped configs hard-coded before they said "auto" (a random model learns fast at 3e-3);
+fine-tuning, the HF Trainer's lr 5e-5 and weight decay 0 with a 10-step warm-up (the Trainer's own default is
+none; DeepSpeed 0.19 refuses 0 steps anyway). Without from_scratch: JOB_DEFAULTS (the HF Trainer's)."""
+
+MODE_KEYS = frozenset({"from_scratch", "mode_why"})
+"""job_values keys that say what the run is (not values of a config key): from_scratch (bool or None) and why."""
+
+
+def job_values(train: Any, from_scratch: bool | None = None, mode_why: str = "") -> dict[str, Any]:
+    """The job_values of `resolve_auto` from a job's train section (and what the run is, see MODE_DEFAULTS)."""
+    values = {key: getattr(train, field.split(".", 1)[1]) for key, field in JOB_FIELDS.items()}
+    return values | {"from_scratch": from_scratch, "mode_why": mode_why}
 
 
 JOB_FIELDS: dict[str, str] = {
@@ -89,7 +109,7 @@ class _Filler:
     """One resolve_auto call: the config being filled, the notes, and where each job value comes from."""
 
     def __init__(self, cfg: dict[str, Any], path: str, job_values: dict[str, Any], accelerator: str):
-        unknown = set(job_values) - set(JOB_DEFAULTS)
+        unknown = set(job_values) - set(JOB_DEFAULTS) - MODE_KEYS
         if unknown:
             raise TypeError(f"resolve_auto: unknown job_values keys {sorted(unknown)}; expected {sorted(JOB_DEFAULTS)}")
         self.out, self.path, self.job_values, self.accelerator = strip_comments(cfg), path, job_values, accelerator
@@ -99,6 +119,10 @@ class _Filler:
         value = self.job_values.get(key)
         if value is not None:
             return value, f"from the job's {JOB_FIELDS[key]}"
+        mode = self.job_values.get("from_scratch")
+        if mode is not None and key in MODE_DEFAULTS[mode]:
+            what = "training from scratch" if mode else "fine-tuning"
+            return MODE_DEFAULTS[mode][key], f"the default for {what}; set {JOB_FIELDS[key]} in the job to choose"
         return JOB_DEFAULTS[key], f"the HF Trainer's default; set {JOB_FIELDS[key]} in the job to choose"
 
     def fill(self, keys: tuple[str, ...], value: Any, why: str) -> None:
@@ -207,3 +231,36 @@ def resolve_auto(cfg: dict[str, Any], path: str, *, dp: int, hidden_size: int | 
 
 def _positive(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def hparams_line(cfg: dict[str, Any], filled: list[str], train: Any, mode_why: str) -> str:
+    """The plan's line of the resolved learning rate, warm-up and steps, each with where it came from:
+    "hyper-parameters (fine-tuning: ...): lr 5e-05 (auto, ...), warm-up 10 steps (...), steps 20 (...)".
+    `filled` are resolve_auto's notes; a value no note names was written in the DeepSpeed config."""
+    def source(dotted: str) -> str:
+        note = next((n for n in filled if n.startswith(f"{dotted} = ")), None)
+        if not note:
+            return f"{dotted}, written in the DeepSpeed config"
+        why = re.sub(r"^auto, (the learning rate, )?(max\(1, [^)]*\), )?", "", note[note.index(" (") + 2:-1])
+        return why.replace("; DeepSpeed 0.19 refuses 0 warmup steps", "")
+
+    sched = cfg.get("scheduler") if isinstance(cfg.get("scheduler"), dict) else {}
+    params = sched.get("params") if isinstance(sched.get("params"), dict) else {}
+    opt = cfg.get("optimizer", {}).get("params", {}) if isinstance(cfg.get("optimizer"), dict) else {}
+    if "warmup_max_lr" in params:  # DeepSpeed's warm-up schedulers set the lr themselves: this is the peak
+        parts = [f"lr {params['warmup_max_lr']:g} ({source('scheduler.params.warmup_max_lr')})"]
+    else:
+        parts = [f"lr {opt.get('lr', '?')} ({source('optimizer.params.lr')})"]
+    if "warmup_num_steps" in params:
+        warm = params["warmup_num_steps"]
+        parts.append(f"warm-up {warm} step{'' if warm == 1 else 's'} ({source('scheduler.params.warmup_num_steps')}; "
+                     f"{params.get('warmup_type', 'log')} from {params.get('warmup_min_lr', 0)}, {sched.get('type')})")
+    if "total_num_steps" in params:
+        parts.append(f"decay over {params['total_num_steps']} steps ({source('scheduler.params.total_num_steps')})")
+    if train.max_steps:
+        parts.append(f"steps {train.max_steps} (train.max_steps; fewer if {train.epochs} epoch(s) of the data "
+                     f"give fewer)")
+    else:
+        parts.append(f"steps: {train.epochs} epoch(s) of the data, counted by the ranks (set train.max_steps "
+                     f"to fix them)")
+    return f"hyper-parameters ({mode_why}): " + ", ".join(parts)
