@@ -22,8 +22,6 @@ import torch
 from conftest import labs, summary
 from equivalence import assert_caught, assert_equivalent, hostfile, run
 
-pytestmark = pytest.mark.distributed
-
 TOL = 1e-5  # fp32; measured: docs/strategies.md "SmolLM2"
 SMOL = ("model.name=smollm2-tiny", "data.block_size=12", "train.epochs=1", "ds.train_micro_batch_size_per_gpu=1",
         "ds.gradient_accumulation_steps=4")
@@ -65,6 +63,7 @@ def assert_export_generates_like_the_run(rd, ref) -> None:
     assert text == want and text.strip()
 
 
+@pytest.mark.distributed
 def test_pipeline_with_the_tied_embedding_equals_one_rank(smol_one_rank, tmp_path):
     """2 stages, 4 micro-batches: stage 0 embed + block 0, stage 1 block 1 + norm + the head, which is the
     embedding's weight (a TiedLayerSpec on both stages; DeepSpeed sums its two gradients)."""
@@ -79,6 +78,7 @@ def test_pipeline_with_the_tied_embedding_equals_one_rank(smol_one_rank, tmp_pat
     assert_export_generates_like_the_run(rd, smol_one_rank)
 
 
+@pytest.mark.distributed
 def test_tensor_parallel_3_equals_one_rank_and_splits_the_heads(smol_one_rank, tmp_path):
     """AutoTP on 3 ranks: 3 query heads and 1 key-value head per rank."""
     rd = run(tmp_path, "ds_configs/tensor_parallel.json", 3, *SMOL, "ds.tensor_parallel.autotp_size=3")
@@ -96,6 +96,7 @@ def test_tensor_parallel_3_equals_one_rank_and_splits_the_heads(smol_one_rank, t
     assert_export_generates_like_the_run(rd, smol_one_rank)
 
 
+@pytest.mark.distributed
 def test_sequence_parallel_3_equals_one_rank_and_splits_the_sequence(smol_one_rank, tmp_path):
     """Ulysses on 3 ranks: 4 of the 12 tokens each; after the all-to-all 3 of the 9 heads (the 3 key-value
     heads repeated to 9 first) over all 12 tokens."""
@@ -121,6 +122,7 @@ def test_tensor_parallel_2_is_refused_with_the_valid_sizes(tmp_path):
     assert "valid sizes for this model: 1, 3; on 2 rank(s): 1 (tensor parallelism needs a multiple of 3 ranks)" in err
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(os.environ.get("LABS_HEAVY") != "1", reason="6 ranks on 2 cores: opt-in, LABS_HEAVY=1")
 @pytest.mark.parametrize("config,sets,layout", [
     ("pipeline_tensor_parallel.json", ("ds.tensor_parallel.autotp_size=3",), "world 6 = dp 1 x tp 3 x pp 2"),
@@ -135,6 +137,7 @@ def test_six_rank_layouts_equal_one_rank(config, sets, layout, smol_one_rank, tm
 
 # ---------------------------------------------------------------- planted fault: the check must fail
 
+@pytest.mark.distributed
 def test_the_tied_embedding_gradient_not_summed_between_stages_is_caught(smol_one_rank, tmp_path):
     """Both stages skip the all-reduce of the tied weight's gradient (the only gradient all-reduce of a
     1-replica pipeline): stage 0 updates the embedding with the lookup's gradient alone, stage 1 with the

@@ -20,9 +20,9 @@ DeepSpeed's AutoTP is not used here: it does not run inside the pipeline engine,
 Gradient clipping counts every parameter once: DeepSpeed's norm sums, over the ranks of one
 replica (all stages, all tensor ranks), the parameters marked `model_parallel`; the sliced matrices
 are marked on every tensor rank (each holds a different part), the replicated ones (embedding,
-norms, head) on tensor rank 0 only, and a tied weight held by the first and the last stage (SmolLM2's
-embedding = head) on neither: DeepSpeed counts unmarked parameters on model-parallel rank 0 (stage 0,
-tensor rank 0) alone.
+norms, head) on tensor rank 0 only; a tied weight (SmolLM2's embedding = head, on the first and the last
+stage) only where DeepSpeed keeps it unflagged (`ds_pipe_replicated` marks the later stages' copies), so
+it counts once, on stage 0's tensor rank 0.
 """
 
 from __future__ import annotations
