@@ -102,11 +102,15 @@ def compare(run_dir: Path, ref_dir: Path, tol: float = 1e-5, noise: dict[str, sl
     return Diff(max(losses + [ev]), max(norms), params, first)
 
 
-def assert_equivalent(run_dir: Path, ref_dir: Path, tol: float, noise: dict[str, slice] | None = None) -> Diff:
-    """Every step's loss and gradient norm, the evaluation and the final weights within `tol` relative."""
+def assert_equivalent(run_dir: Path, ref_dir: Path, tol: float, noise: dict[str, slice] | None = None,
+                      params_tol: float | None = None) -> Diff:
+    """Every step's loss and gradient norm, the evaluation and the final weights within `tol` relative
+    (`params_tol`: another bound for the weights alone, where a test states the measurement behind it)."""
     d = compare(run_dir, ref_dir, tol, noise)
-    assert d.worst() <= tol, f"{run_dir.name} differs from 1 rank: {d} (tolerance {tol:.0e}; first step off: " \
-                             f"{d.first_step})"
+    ptol = tol if params_tol is None else params_tol
+    assert max(d.loss, d.grad_norm) <= tol and d.params <= ptol, \
+        f"{run_dir.name} differs from 1 rank: {d} (tolerance {tol:.0e}, weights {ptol:.0e}; first step off: " \
+        f"{d.first_step})"
     print(f"\n{run_dir}: {d}")
     return d
 
