@@ -32,6 +32,7 @@ SMOL = ("model.name=smollm2-tiny", "data.block_size=12", "train.epochs=1", "ds.t
         "ds.gradient_accumulation_steps=4")
 HIDDEN, INTER, VOCAB, HEADS, KV, HEAD_DIM = 576, 1536, 49152, 9, 3, 64
 PROMPT = "The capital of France is"
+SLOW = 1200  # seconds for one launch: a 3-rank run took 7-9 minutes here under a load of 15-30 (600 s timed out once)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,8 @@ def test_pipeline_with_the_tied_embedding_equals_one_rank(smol_one_rank, tmp_pat
 @pytest.mark.distributed
 def test_tensor_parallel_3_equals_one_rank_and_splits_the_heads(smol_one_rank, tmp_path):
     """AutoTP on 3 ranks: 3 query heads and 1 key-value head per rank."""
-    rd = run(tmp_path, "ds_configs/tensor_parallel.json", 3, *SMOL, "ds.tensor_parallel.autotp_size=3")
+    rd = run(tmp_path, "ds_configs/tensor_parallel.json", 3, *SMOL, "ds.tensor_parallel.autotp_size=3",
+             timeout=SLOW)
     assert_equivalent(rd, smol_one_rank, TOL)
     s, tp = summary(rd), 3
     assert s["layout"] == "world 3 = dp 1 x tp 3 x pp 1"
@@ -109,7 +111,8 @@ def test_tensor_parallel_3_equals_one_rank_and_splits_the_heads(smol_one_rank, t
 def test_sequence_parallel_3_equals_one_rank_and_splits_the_sequence(smol_one_rank, tmp_path):
     """Ulysses on 3 ranks: 4 of the 12 tokens each; after the all-to-all 3 of the 9 heads (the 3 key-value
     heads repeated to 9 first) over all 12 tokens."""
-    rd = run(tmp_path, "ds_configs/sequence_parallel.json", 3, *SMOL, "ds.sequence_parallel_size=3")
+    rd = run(tmp_path, "ds_configs/sequence_parallel.json", 3, *SMOL, "ds.sequence_parallel_size=3",
+             timeout=SLOW)
     assert_equivalent(rd, smol_one_rank, TOL, params_tol=SP3_WEIGHTS_TOL)
     s = summary(rd)
     assert s["layout"] == "world 3 = dp 1 x tp 1 x pp 1 x sp 3"
@@ -139,7 +142,7 @@ def test_tensor_parallel_2_is_refused_with_the_valid_sizes(tmp_path):
      "world 6 = dp 2 x tp 3 x pp 1")])
 def test_six_rank_layouts_equal_one_rank(config, sets, layout, smol_one_rank, tmp_path):
     """pp 2 x tp 3 (the tied embedding on tensor rank 0..2 of both stages) and dp 2 x tp 3."""
-    rd = run(tmp_path, f"ds_configs/{config}", 6, *SMOL, *sets)
+    rd = run(tmp_path, f"ds_configs/{config}", 6, *SMOL, *sets, timeout=2 * SLOW)
     assert_equivalent(rd, smol_one_rank, TOL)
     assert summary(rd)["layout"] == layout
 
