@@ -38,7 +38,7 @@ SLOW = 1200  # seconds for one launch: a 3-rank run took 7-9 minutes here under 
 @pytest.fixture(scope="module")
 def smol_one_rank(ds_ops, tmp_path_factory):
     """The reference of this file: ONE rank, ZeRO-0, micro 1 x accumulation 4."""
-    return run(tmp_path_factory.mktemp("smol_one_rank"), "ds_configs/zero0.json", 1, *SMOL)
+    return run(tmp_path_factory.mktemp("smol_one_rank"), "ds_configs/zero0.json", 1, *SMOL, timeout=SLOW)
 
 
 def _greedy(folder, tok) -> str:
@@ -73,7 +73,7 @@ def assert_export_generates_like_the_run(rd, ref) -> None:
 def test_pipeline_with_the_tied_embedding_equals_one_rank(smol_one_rank, tmp_path):
     """2 stages, 4 micro-batches: stage 0 embed + block 0, stage 1 block 1 + norm + the head, which is the
     embedding's weight (a TiedLayerSpec on both stages; DeepSpeed sums its two gradients)."""
-    rd = run(tmp_path, "ds_configs/pipeline.json", 2, *SMOL)
+    rd = run(tmp_path, "ds_configs/pipeline.json", 2, *SMOL, timeout=SLOW)
     assert_equivalent(rd, smol_one_rank, TOL)
     ranks, ref = summary(rd)["ranks"], summary(smol_one_rank)["ranks"][0]
     assert [r["stage"] for r in ranks] == [0, 1]
@@ -155,7 +155,7 @@ def test_the_tied_embedding_gradient_not_summed_between_stages_is_caught(smol_on
     1-replica pipeline): stage 0 updates the embedding with the lookup's gradient alone, stage 1 with the
     head's alone, as a pipeline without the TiedLayerSpec would."""
     log = tmp_path / "fault.log"
-    rd = run(tmp_path, "ds_configs/pipeline.json", 2, *SMOL,
+    rd = run(tmp_path, "ds_configs/pipeline.json", 2, *SMOL, timeout=SLOW,
              fault={"LABS_FAULT": "all_reduce:skip:0", "LABS_FAULT_RANK": "all", "LABS_FAULT_LOG": str(log)})
     calls = log.read_text().splitlines()
     assert calls and all(f"all_reduce skip [{VOCAB}, {HIDDEN}] group 2" in c for c in calls), calls[:5]
