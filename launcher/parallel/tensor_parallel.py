@@ -41,15 +41,11 @@ class TensorParallel(DataParallel):
         out = super().forward(batch)
         vocab = getattr(getattr(self.module, "config", None), "vocab_size", None)
         logits = getattr(out, "logits", None)
-        if vocab is None or logits is None or logits.shape[-1] == vocab:
-            return out
+        if vocab is None or logits is None or logits.shape[-1] * self.layout.tp != vocab:
+            return out  # whole (or a classifier's labels)
         parts = [torch.empty_like(logits) for _ in range(self.layout.tp)]
         dist.all_gather(parts, logits.contiguous(), group=groups.get_tensor_model_parallel_group())
-        full = torch.cat(parts, dim=-1)
-        if full.shape[-1] != vocab:
-            raise RuntimeError(f"tensor parallel logits: {self.layout.tp} parts of {logits.shape[-1]} are not the "
-                               f"vocabulary of {vocab}")
-        out.logits = full
+        out.logits = torch.cat(parts, dim=-1)
         return out
 
     def full_state_dict(self, ckpt_dir: Path) -> dict[str, torch.Tensor] | None:
