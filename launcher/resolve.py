@@ -23,7 +23,7 @@ from launcher.config.hostfile import Hostfile, is_local, load_hostfile, select
 from launcher.config.job import Job, load_job, set_field
 from launcher.estimate.memory import Prediction, Setup, predict
 from launcher.estimate.shape import Shape, count_params, hidden_size_of, layout_dims, lora_params
-from launcher.parallel import choose
+from launcher.parallel import choose, tensor_parallel_error
 from tasks.data_check import check_data_files
 from tasks.options import LORA_DEFAULT, check_options
 from tasks.presets import PRESETS, VOCAB, model_config
@@ -165,13 +165,10 @@ def _check_model_layout(job: Job, layout: Layout) -> None:
             raise LabsError(f"{where}: sequence_parallel_size = {layout.sp} does not divide the model's "
                             f"{shape['heads']} attention heads (Ulysses gives each rank whole heads); valid layouts "
                             f"for {layout.world} ranks: {'; '.join(valid_layouts(layout.world, shape['heads'], shape['layers']))}")
-    if layout.tp > 1:
-        for key in ("heads", "kv_heads"):
-            n = shape[key]
-            if n and n % layout.tp:
-                what = "attention heads" if key == "heads" else "key-value heads"
-                raise LabsError(f"{where}: tensor_parallel.autotp_size = {layout.tp} does not divide the model's "
-                                f"{n} {what}; AutoTP splits whole heads: choose a divisor of {n}")
+    if layout.tp > 1 and shape["heads"]:
+        why = tensor_parallel_error(layout.tp, shape["heads"], shape["kv_heads"] or shape["heads"], layout.world)
+        if why:
+            raise LabsError(f"{where}: {why}")
 
 
 def _check_data(job: Job) -> None:

@@ -10,6 +10,7 @@ builds the chosen one inside a rank.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,3 +55,29 @@ STRATEGIES: tuple[Strategy, ...] = (
 def choose(layout: Layout) -> Strategy:
     return next(s for s in STRATEGIES if s.when(layout))
 
+
+
+def tensor_parallel_sizes(heads: int, kv_heads: int) -> list[int]:
+    """The tensor-parallel sizes that give every rank whole heads: the divisors of both the attention and the
+    key-value heads (SmolLM2, 9 and 3: 1 and 3). An uneven split is not offered: not proven equal to one rank."""
+    g = math.gcd(heads, kv_heads)
+    return [d for d in range(1, g + 1) if g % d == 0]
+
+
+def tensor_parallel_error(tp: int, heads: int, kv_heads: int, world: int) -> str | None:
+    """Why `tp` cannot cut a model of `heads` / `kv_heads` heads, with the sizes that can (None: it can)."""
+    if heads % tp == 0 and kv_heads % tp == 0:
+        return None
+    bad = " nor its ".join(f"{n} {what}" for n, what in ((heads, "attention heads"), (kv_heads, "key-value heads"))
+                           if n % tp)
+    sizes = tensor_parallel_sizes(heads, kv_heads)
+    here = [t for t in sizes if world % t == 0]
+    if len(sizes) == 1:
+        note = " (no tensor parallelism for this model)"
+    elif len(here) == 1:
+        note = f" (tensor parallelism needs a multiple of {sizes[1]} ranks)"
+    else:
+        note = ""
+    return (f"tensor_parallel.autotp_size = {tp} does not divide the model's {bad}: each tensor rank "
+            f"takes whole query heads and whole key-value heads, so the size must divide both {heads} and {kv_heads}; an uneven split is not supported; valid sizes for this model: "
+            f"{', '.join(map(str, sizes))}; on {world} rank(s): {', '.join(map(str, here))}{note}")

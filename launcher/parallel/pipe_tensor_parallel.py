@@ -20,7 +20,9 @@ DeepSpeed's AutoTP is not used here: it does not run inside the pipeline engine,
 Gradient clipping counts every parameter once: DeepSpeed's norm sums, over the ranks of one
 replica (all stages, all tensor ranks), the parameters marked `model_parallel`; the sliced matrices
 are marked on every tensor rank (each holds a different part), the replicated ones (embedding,
-norms, head) on tensor rank 0 only.
+norms, head) on tensor rank 0 only; a tied weight (SmolLM2's embedding = head, on the first and the last
+stage) only where DeepSpeed keeps it unflagged (`ds_pipe_replicated` marks the later stages' copies), so
+it counts once, on stage 0's tensor rank 0.
 """
 
 from __future__ import annotations
@@ -63,8 +65,9 @@ class PipeTensorParallel(PipelineParallel):
                                                        self.layout.tp).values():
                     self.names[id(new)] = self.names.get(id(old), [])
                     self.split_dim[id(new)] = dim
-        for p in pipe.parameters():
-            p.model_parallel = id(p) in self.split_dim or self.tp_rank == 0
+        for p in pipe.parameters():  # a tied copy (first and last stage: SmolLM2's embedding) counts once
+            p.model_parallel = id(p) in self.split_dim or (self.tp_rank == 0
+                                                           and not getattr(p, "ds_pipe_replicated", False))
 
     def full_state_dict(self, ckpt_dir: Path) -> dict[str, torch.Tensor] | None:
         """Replica 0's stages gather their tensor-parallel slices into whole matrices (all-gather in

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from deepspeed.utils import groups
 
 from launcher.common.layout import Layout
 from launcher.parallel.data_parallel import DataParallel
@@ -32,6 +33,20 @@ class TensorParallel(DataParallel):
         ds_cfg = dict(config, train_batch_size=config["train_micro_batch_size_per_gpu"]
                       * config["gradient_accumulation_steps"] * layout.world)
         super().__init__(model, ds_cfg, layout)
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, torch.Tensor]):
+        """The whole vocabulary's logits on every tensor rank: a vocab-parallel head (AutoTP shards SmolLM2's
+        tied embedding = head) returns this rank's 1/tp of the vocabulary; the ranks' parts are gathered."""
+        out = super().forward(batch)
+        vocab = getattr(getattr(self.module, "config", None), "vocab_size", None)
+        logits = getattr(out, "logits", None)
+        if vocab is None or logits is None or logits.shape[-1] * self.layout.tp != vocab:
+            return out  # whole (or a classifier's labels)
+        parts = [torch.empty_like(logits) for _ in range(self.layout.tp)]
+        dist.all_gather(parts, logits.contiguous(), group=groups.get_tensor_model_parallel_group())
+        out.logits = torch.cat(parts, dim=-1)
+        return out
 
     def full_state_dict(self, ckpt_dir: Path) -> dict[str, torch.Tensor] | None:
         if self.stage == 3:

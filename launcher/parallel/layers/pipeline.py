@@ -4,7 +4,12 @@ The layers wrap the model's OWN submodules (same parameter objects, same initial
 1-rank plain HF forward and the pipeline compute the same function:
 
     Llama: embed_tokens | decoder layer (+ rotary cos/sin, causal attention) x N | norm | lm_head
+           (tied, as SmolLM2: lm_head = embed_tokens, a TiedLayerSpec with key "embed" on both ends)
     GPT-2: wte (tied) | + wpe | block x N | ln_f | lm_head = wte (TiedLayerSpec, key "wte")
+
+A tied weight sits on the first and the last stage; DeepSpeed's pipeline engine all-reduces its gradient
+between them after the backward pass (`_exec_reduce_tied_grads`), so both copies take the same update: the
+sum of the lookup's and the head's gradients, as in one process.
 
 Between layers only the hidden state [batch, seq, hidden] travels (what DeepSpeed's pipeline
 engine sends between stages). Positions are 0..seq-1 and attention is causal without padding,
@@ -59,6 +64,11 @@ class LlamaBlock(nn.Module):
         out = self.layer(h, attention_mask=_causal_mask(h, self.attn_impl), position_ids=pos,
                          position_embeddings=self.rotary_emb(h, pos))
         return out[0] if isinstance(out, tuple) else out
+
+
+def llama_tied_head(module: LlamaEmbed, h: torch.Tensor) -> torch.Tensor:
+    """The head of a Llama whose lm_head is its input embedding (tie_word_embeddings: SmolLM2)."""
+    return F.linear(h, module.embed_tokens.weight)
 
 
 class Norm(nn.Module):
@@ -126,9 +136,15 @@ def pipeline_layers(model: nn.Module, where: str = "model") -> list:
     attn_impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
     if kind in ("llama", "mistral"):
         inner = model.model
-        return ([LlamaEmbed(inner.embed_tokens)]
-                + [LlamaBlock(layer, inner.rotary_emb, attn_impl) for layer in inner.layers]
-                + [Norm(inner.norm), Head(model.lm_head)])
+        if model.lm_head.weight is inner.embed_tokens.weight:  # tied: one weight on the first and last stage
+            attr = "embed_tokens.weight"
+            first = TiedLayerSpec("embed", LlamaEmbed, inner.embed_tokens, tied_weight_attr=attr)
+            last = TiedLayerSpec("embed", LlamaEmbed, inner.embed_tokens, forward_fn=llama_tied_head,
+                                 tied_weight_attr=attr)
+        else:
+            first, last = LlamaEmbed(inner.embed_tokens), Head(model.lm_head)
+        return ([first] + [LlamaBlock(layer, inner.rotary_emb, attn_impl) for layer in inner.layers]
+                + [Norm(inner.norm), last])
     if kind == "gpt2":
         t = model.transformer
         tied = model.lm_head.weight is t.wte.weight
