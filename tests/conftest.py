@@ -187,8 +187,8 @@ they share one worker, one after the other."""
 SERIAL = {"test_serve.py": ("test_bad_input_is_a_clear_4xx", "test_load_32_requests")}
 """Tests that time answers (a 4xx within 1 s, /health within 200 ms while 8 requests generate), by file and
 name: marked `serial`, so `make test` runs them after the two workers, alone on the machine."""
-FIRST = ("hosts", "test_resume_layout.py", "test_equivalence_pipeline.py", "test_equivalence_tp_sp.py",
-         "test_equivalence_dp.py", "test_faults.py")
+FIRST = ("hosts", "test_equivalence_smollm2.py", "test_resume_layout.py", "test_equivalence_pipeline.py",
+         "test_equivalence_tp_sp.py", "test_equivalence_dp.py", "test_serve_deploy.py", "test_faults.py")
 """The longest groups start first, so that neither worker is left with a long one at the end."""
 
 
