@@ -25,6 +25,24 @@ PROMPTS = ["The history of parallel computing", "Tensor parallelism splits", "On
            "A language model server"]
 
 
+FILLER = (" Each of the workers holds a part of the model, and the parts talk to each other at every layer"
+          " so that the answer is the same as on one machine")
+
+
+def make_prompts(model_name: str, n_tokens: int) -> list[str]:
+    """The four prompts, each padded with FILLER and cut to `n_tokens` tokens of the model's tokenizer
+    (0: as they are)."""
+    if n_tokens <= 0:
+        return list(PROMPTS)
+    from tasks.causal_lm import build_causal_lm
+    _, tok = build_causal_lm(model_name)
+    out = []
+    for p in PROMPTS:
+        ids = tok(p + FILLER * (1 + n_tokens // 20), add_special_tokens=False)["input_ids"][:n_tokens]
+        out.append(tok.decode(ids))
+    return out
+
+
 def sequential(model_name: str, seed: int, n: int, tokens: int, threads: int) -> float:
     """tokens/s of a plain loop: one model.generate per request, greedy, exactly `tokens` new tokens."""
     import torch
@@ -75,10 +93,15 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1, help="the server's tensor-parallel ranks (the baseline: one process)")
+    p.add_argument("--prompt-tokens", type=int, default=0, help="pad each prompt to this many tokens (0: a few words)")
+    p.add_argument("--out", default="serve.json", help="file name under bench/results/")
     args = p.parse_args()
+    PROMPTS[:] = make_prompts(args.model, args.prompt_tokens)
     rows: dict[str, list] = {"sequential": [], **{f"c{c}": [] for c in (1, 4, 8)}}
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server([args.model, "--threads", str(args.threads), "--max-batch", "8"], Path(tmp) / "bench")
+        server = Server([args.model, "--threads", str(args.threads), "--max-batch", "8", "--tp", str(args.tp)],
+                        Path(tmp) / "bench")
         server.name = args.model
         try:
             server.wait_ready()
@@ -101,7 +124,7 @@ def main() -> None:
         result["runs"][name] = {"tokens_per_s": tps, "ttft": ttft}
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(result, indent=2))
+    (out / args.out).write_text(json.dumps(result, indent=2))
     print("\n".join(lines))
 
 
