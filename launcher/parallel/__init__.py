@@ -56,7 +56,6 @@ def choose(layout: Layout) -> Strategy:
     return next(s for s in STRATEGIES if s.when(layout))
 
 
-
 def tensor_parallel_sizes(heads: int, kv_heads: int) -> list[int]:
     """The tensor-parallel sizes that give every rank whole heads: the divisors of both the attention and the
     key-value heads (SmolLM2, 9 and 3: 1 and 3). An uneven split is not offered: not proven equal to one rank."""
@@ -79,5 +78,6 @@ def tensor_parallel_error(tp: int, heads: int, kv_heads: int, world: int) -> str
     else:
         note = ""
     return (f"tensor_parallel.autotp_size = {tp} does not divide the model's {bad}: each tensor rank "
-            f"takes whole query heads and whole key-value heads, so the size must divide both {heads} and {kv_heads}; an uneven split is not supported; valid sizes for this model: "
+            f"takes whole query heads and whole key-value heads, so the size must divide both {heads} and "
+            f"{kv_heads}; an uneven split is not supported; valid sizes for this model: "
             f"{', '.join(map(str, sizes))}; on {world} rank(s): {', '.join(map(str, here))}{note}")

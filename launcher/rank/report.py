@@ -97,20 +97,18 @@ def eval_sums(task, strategy, parts, layout, dp_rank: int, mb: int) -> dict[str,
 
     n = len(parts.eval_data)
     dev = device()
-    grad = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)  # an evaluation keeps no graph (nor its memory: the step-0 eval comes first)
     mine = list(range(dp_rank, n, layout.dp))
     n_batches = math.ceil(math.ceil(n / layout.dp) / mb)
     sums: dict[str, float] = {}
     show = (not dist.is_initialized() or dist.get_rank() == 0) and n_batches > 1
-    for i in tqdm(range(n_batches), desc="eval", unit="batch", disable=not show, leave=False, file=sys.stdout,
-                  mininterval=1.0, dynamic_ncols=True):
-        idx = mine[i * mb:(i + 1) * mb]
-        weight = 1.0 if idx else 0.0
-        batch = to_device(parts.collate([parts.eval_data[j] for j in (idx or mine[:1] or [0])]), dev)
-        for k, v in task.eval_batch(strategy.forward(batch), batch).items():
-            sums[k] = sums.get(k, 0.0) + weight * v
-    torch.set_grad_enabled(grad)
+    with torch.no_grad():  # an evaluation keeps no graph (nor its memory: the step-0 eval comes first)
+        for i in tqdm(range(n_batches), desc="eval", unit="batch", disable=not show, leave=False, file=sys.stdout,
+                      mininterval=1.0, dynamic_ncols=True):
+            idx = mine[i * mb:(i + 1) * mb]
+            weight = 1.0 if idx else 0.0
+            batch = to_device(parts.collate([parts.eval_data[j] for j in (idx or mine[:1] or [0])]), dev)
+            for k, v in task.eval_batch(strategy.forward(batch), batch).items():
+                sums[k] = sums.get(k, 0.0) + weight * v
     keys = sorted(sums)
     t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=dev)
     if dist.is_initialized() and layout.dp > 1:

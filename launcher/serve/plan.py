@@ -7,6 +7,7 @@ from pathlib import Path
 
 from launcher.common.errors import LabsError
 from launcher.common.text import fmt_bytes
+from launcher.parallel import tensor_parallel_sizes
 from launcher.serve.target import Target
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -21,7 +22,7 @@ def check_tp(target: Target, tp: int) -> None:
         return
     bad = [f"{n} {what}" for n, what in ((s.heads, "attention heads"), (s.kv_heads, "key-value heads")) if n % tp]
     if bad:
-        valid = [d for d in range(1, s.heads + 1) if s.heads % d == 0 and s.kv_heads % d == 0]
+        valid = tensor_parallel_sizes(s.heads, s.kv_heads)
         raise LabsError(f"--tp {tp}: it does not divide {target.name}'s {' and '.join(bad)} (AutoTP gives each rank "
                         f"whole heads); valid --tp for this model: {', '.join(map(str, valid))}")
 
