@@ -28,7 +28,7 @@ from launcher.common.run_dir import STOP_FILE
 from launcher.config.hostfile import is_local, load_hostfile
 from launcher.config.job import Job
 from launcher.launch.backends import build_command, check_ssh, check_tools
-from launcher.launch.env import env_file_text, runner_env
+from launcher.launch.env import runner_env, write_env_file
 from launcher.launch.plan import Plan
 from launcher.launch.supervise import failure_report, run_ranks
 from launcher.serve.plan import LOOPBACK, ServePlan, check_tp
@@ -128,11 +128,7 @@ def _rank_env(args: argparse.Namespace, plan: Plan, key: str | None, serve_dir: 
         env["OMP_NUM_THREADS"] = str(args.threads)
     if args.verbose:
         env["LABS_VERBOSE"] = "1"
-    env_file = serve_dir / "ds_env"
-    env_file.touch(mode=0o600)
-    env_file.chmod(0o600)
-    env_file.write_text(env_file_text(env))
-    return env | {"DS_ENV_FILE": str(env_file)}
+    return env | {"DS_ENV_FILE": str(write_env_file(serve_dir / "ds_env", env))}
 
 
 def main(argv: list[str] | None = None) -> int:

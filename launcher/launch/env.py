@@ -93,3 +93,12 @@ def env_file_text(env: dict[str, str]) -> str:
     or comment line crashes it) and quotes the value itself, so values are written as they are."""
     check_env(env)
     return "".join(f"{k}={v}\n" for k, v in env.items())
+
+
+def write_env_file(path: Path, env: dict[str, str]) -> Path:
+    """Write the DS_ENV_FILE at `path`, readable by its owner only (it may hold secrets: WANDB_API_KEY,
+    the server's API key)."""
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(env_file_text(env))
+    return path

@@ -23,7 +23,7 @@ from launcher.config.ds.load import offload, precision, zero_stage
 from launcher.config.job import Job, job_to_dict, load_job
 from launcher.estimate.shape import lora_params
 from launcher.launch.backends import build_command
-from launcher.launch.env import check_env, deepspeed_env_files, env_file_text, runner_env
+from launcher.launch.env import check_env, deepspeed_env_files, runner_env, write_env_file
 from launcher.launch.plan import Plan
 from launcher.resolve import _check_model, _check_model_layout, resolve
 from tasks.options import LORA_DEFAULT
@@ -135,9 +135,7 @@ def write_run_files(plan: Plan) -> None:
     plan.config_dir.mkdir(parents=True, exist_ok=True)
     (plan.config_dir / "job.yaml").write_text(yaml.safe_dump(job_to_dict(plan.job), sort_keys=False))
     (plan.config_dir / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2) + "\n")
-    env_file = plan.config_dir / "ds_env"  # may hold secrets (WANDB_API_KEY): readable by the owner only
-    env_file.touch(mode=0o600)
-    env_file.write_text(env_file_text(plan.env))
+    write_env_file(plan.config_dir / "ds_env", plan.env)
 
 
 def _changed(job: Job) -> list[str]:
