@@ -33,8 +33,6 @@ _VERIFIED: set[tuple] = set()
 """Folders this process found complete, keyed with every file's size and mtime: hashed once per process."""
 
 
-
-
 def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
 
