@@ -22,7 +22,7 @@ cluster-deps:
 	@if command -v mpirun >/dev/null && [ -x $(PY) ] && ! $(PY) -c 'import mpi4py' 2>/dev/null; then \
 	  echo "[cluster-deps] installing mpi4py"; $(PY) -m pip install -q 'mpi4py>=4'; fi
 
-# Two pytest workers (pytest-xdist; each test file one group, the fake-host tests one group between them:
+# Two pytest workers (pytest-xdist; each test file one group, the fake-host files one group between them:
 # tests/conftest.py), then the tests that time their answers (`serial`), alone on the machine.
 XDIST := -n 2 --dist loadgroup --no-loadscope-reorder
 FAST := not distributed and not cluster and not slurm and not container

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -174,36 +177,68 @@ def bf16_cpu(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def one_rank(ds_ops, tmp_path_factory) -> Path:
     """The reference of every equivalence test (tests/equivalence.py): ONE rank, ZeRO-0, micro batch 2 x 4
-    accumulation steps = the global batch of 8 that every parallel run reads; run once per session."""
+    accumulation steps = the global batch of 8 that every parallel run reads; run once per session, by
+    whichever pytest-xdist worker asks first (the other waits on the lock and reads the same folder)."""
     from equivalence import run
-    return run(tmp_path_factory.mktemp("one_rank"), "ds_configs/zero0.json", 1, "ds.gradient_accumulation_steps=4")
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    with FileLock(str(root / "one_rank.lock")):
+        made = root / "one_rank.run_dir"
+        if not made.is_file():
+            made.write_text(str(run(root / "one_rank", "ds_configs/zero0.json", 1, "ds.gradient_accumulation_steps=4")))
+        return Path(made.read_text())
 
 
 # ---------------------------------------------------------------- two workers (pytest-xdist), and what runs alone
 
 HOSTS = ("cluster", "slurm", "container")
-"""Markers of the tests that build fake hosts (network namespaces, sshd, Slurm, podman) under fixed names:
-they share one worker, one after the other."""
+"""Markers of the tests that build fake hosts (network namespaces, sshd, Slurm, podman) under fixed names."""
+HOST_FILES = ("test_cluster_infra.py", "test_cluster_launch.py", "test_container.py", "test_serve_deploy.py")
+"""The files that hold them: one group between them, run on one worker, one test after the other."""
 SERIAL = {"test_serve.py": ("test_bad_input_is_a_clear_4xx", "test_load_32_requests")}
 """Tests that time answers (a 4xx within 1 s, /health within 200 ms while 8 requests generate), by file and
 name: marked `serial`, so `make test` runs them after the two workers, alone on the machine."""
 FIRST = ("hosts", "test_equivalence_smollm2.py", "test_resume_layout.py", "test_equivalence_pipeline.py",
-         "test_equivalence_tp_sp.py", "test_equivalence_dp.py", "test_serve_deploy.py", "test_faults.py")
+         "test_equivalence_tp_sp.py", "test_equivalence_dp.py", "test_faults.py")
 """The longest groups start first, so that neither worker is left with a long one at the end."""
+
+
+def group_of(nodeid: str) -> str:
+    """A test's group: its file, or "hosts" for the files of fake-host tests."""
+    name = nodeid.split("::")[0].rsplit("/", 1)[-1]
+    return "hosts" if name in HOST_FILES else name
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Each test file is one group of `--dist loadgroup` (its module-scoped runs are made once, on one
-    worker), except the fake-host tests, one group between them; the groups start longest first."""
+    """Order the groups longest first; mark the serial tests; refuse a fake-host test outside HOST_FILES
+    (it would run beside another fake-host test on the other worker)."""
     for item in items:
         name = Path(str(item.fspath)).name
         if any(item.name.startswith(t) for t in SERIAL.get(name, ())):
             item.add_marker(pytest.mark.serial)
-        group = "hosts" if any(item.get_closest_marker(m) for m in HOSTS) else name
-        item.add_marker(pytest.mark.xdist_group(group))
+        if any(item.get_closest_marker(m) for m in HOSTS) and name not in HOST_FILES:
+            raise pytest.UsageError(f"{item.nodeid} builds fake hosts: add {name} to HOST_FILES in tests/conftest.py")
     rank = {g: i for i, g in enumerate(FIRST)}
-    items.sort(key=lambda it: rank.get(next(it.iter_markers("xdist_group")).args[0], len(FIRST)))
+    items.sort(key=lambda it: rank.get(group_of(it.nodeid), len(FIRST)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` by `group_of`: each group's tests on one worker, so a module's runs are made once.
+    (xdist's own loadgroup reads `xdist_group` marks into `item._nodeid`, which pytest 9 no longer reads:
+    every file was split between the two workers, and its module-scoped runs made twice.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    # only under pytest-xdist's controller (this hook is xdist's)
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return ByGroup(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -214,3 +249,26 @@ def one_thread_per_worker():
         import torch  # the test process does torch work anyway; only when two workers share the machine
         torch.set_num_threads(1)
     yield
+
+
+CPU_LOG = os.environ.get("LABS_TEST_CPU_LOG")
+"""Where each test's wall time and CPU seconds (the test process and the processes it waited for: DeepSpeed's
+runner, launch.py, the ranks) are appended as JSON lines; unset, nothing is recorded."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not CPU_LOG:
+        yield
+        return
+    def cpu():
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime, c.ru_utime + c.ru_stime
+
+    t0, (s0, c0) = time.monotonic(), cpu()
+    yield
+    t1, (s1, c1) = time.monotonic(), cpu()
+    with open(CPU_LOG, "a") as f:
+        f.write(json.dumps({"test": item.nodeid, "wall": round(t1 - t0, 2), "self": round(s1 - s0, 2),
+                            "children": round(c1 - c0, 2), "worker": os.environ.get("PYTEST_XDIST_WORKER")})
+                + "\n")
