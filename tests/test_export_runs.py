@@ -15,8 +15,9 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module")
 def lora_zero3_run(ds_ops, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
+    # SmolLM2's shape (tied embedding, 9 query / 3 key-value heads) with 2 random blocks and the real tokenizer
     proc, run = launch("jobs/tinyllama_lora.yaml", out, "--dry_run", "--ds-config", "ds_configs/zero3.json",
-                       "--set", "train.checkpoint=true")
+                       "--set", "train.checkpoint=true", "model.name=smollm2-tiny", "data.block_size=32")
     assert_ok(proc)
     return out, run
 
@@ -38,7 +39,9 @@ def test_export_of_a_zero3_lora_checkpoint_equals_the_runs_own_export(lora_zero3
     assert any(t.abs().sum() > 0 for k, t in mine.items() if "lora_B" in k)  # ZeRO-3 did not save an empty adapter
 
 
-def test_merge_equals_base_plus_adapter(lora_zero3_run, tmp_path):
+def test_merge_equals_peft_merge_and_unload(lora_zero3_run, tmp_path):
+    """`labs merge` of the ZeRO-3 checkpoint: every weight within 1e-5 (relative, Frobenius) of PEFT's own
+    `merge_and_unload` of the run's base and adapter, the embedding still tied to the head, the same logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     _, run = lora_zero3_run
@@ -46,10 +49,20 @@ def test_merge_equals_base_plus_adapter(lora_zero3_run, tmp_path):
     assert_ok(proc)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     base = AutoModelForCausalLM.from_pretrained(run / "hf" / "base")
+    before = {k: t.clone() for k, t in base.state_dict().items()}  # merge_and_unload merges into `base` itself
     peft = PeftModel.from_pretrained(base, run / "hf" / "adapter").eval()
     ids = torch.tensor([[1, 15, 200, 7, 31, 99]])
     with torch.no_grad():
-        assert torch.allclose(merged(ids).logits, peft(ids).logits, atol=1e-5)
+        want_logits = peft(ids).logits
+        assert torch.allclose(merged(ids).logits, want_logits, atol=1e-5)
+    want = peft.merge_and_unload().state_dict()
+    got = merged.state_dict()
+    assert got.keys() == want.keys()
+    diff = {k: float((got[k] - want[k]).norm() / want[k].norm().clamp(min=1e-30)) for k in want}
+    assert max(diff.values()) <= 1e-5, sorted(diff.items(), key=lambda kv: -kv[1])[:3]
+    changed = [k for k in want if not torch.equal(want[k], before[k])]
+    assert any("q_proj" in k for k in changed)  # the adapter moved the projections it targets
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
 
 
 def test_export_refuses_what_it_cannot(lora_zero3_run, tmp_path):
