@@ -2,14 +2,17 @@
 plain sequential `model.generate` loop on the same weights, in the same invocation.
 
     python bench/serve.py [--model llama-small] [--tokens 64] [--requests 16] [--repeats 3] [--threads 1]
+                          [--prompt-tokens 0] [--tp 1] [--concurrency 1,4,8] [--out serve.json]
 
-Writes bench/results/serve.json and prints a markdown table (median and range over the repeats).
+Writes bench/results/serve.json (or --out) and prints a markdown table (median and range over the repeats)
+and the load average seen at the start and after each repeat (the machine may be shared).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -95,10 +98,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tp", type=int, default=1, help="the server's tensor-parallel ranks (the baseline: one process)")
     p.add_argument("--prompt-tokens", type=int, default=0, help="pad each prompt to this many tokens (0: a few words)")
+    p.add_argument("--concurrency", default="1,4,8", help="the concurrencies served, comma-separated")
     p.add_argument("--out", default="serve.json", help="file name under bench/results/")
     args = p.parse_args()
     PROMPTS[:] = make_prompts(args.model, args.prompt_tokens)
-    rows: dict[str, list] = {"sequential": [], **{f"c{c}": [] for c in (1, 4, 8)}}
+    levels = [int(c) for c in args.concurrency.split(",")]
+    rows: dict[str, list] = {"sequential": [], **{f"c{c}": [] for c in levels}}
+    load = [os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
         server = Server([args.model, "--threads", str(args.threads), "--max-batch", "8", "--tp", str(args.tp)],
                         Path(tmp) / "bench")
@@ -108,25 +114,38 @@ def main() -> None:
             served(server, 4, 4, 8)  # warm-up
             for _ in range(args.repeats):
                 rows["sequential"].append((sequential(args.model, 0, args.requests // 2, args.tokens, args.threads), []))
-                for c in (1, 4, 8):
+                for c in levels:
                     rows[f"c{c}"].append(served(server, c, args.requests, args.tokens))
+                load.append(os.getloadavg())
         finally:
             server.stop()
+    report(args, rows, load)
+
+
+def report(args, rows: dict[str, list], load: list[tuple[float, float, float]]) -> None:
+    """The markdown table (tokens/s and each repeat's TTFT p95: median and range over the repeats; TTFT p50
+    over all requests) and bench/results/OUT with every figure and the load averages seen."""
+    def span(xs: list[float], fmt: str) -> str:
+        return f"{statistics.median(xs):{fmt}} ({min(xs):{fmt}}-{max(xs):{fmt}})"
+
     base = statistics.median(r[0] for r in rows["sequential"])
-    lines = ["| run | tokens/s median (range) | x sequential | TTFT p50 / p95 (s) |", "|---|---|---|---|"]
-    result = {"args": vars(args), "runs": {}}
+    lines = ["| run | tokens/s median (range) | x sequential | TTFT p50 (s) | TTFT p95 median (range) (s) |",
+             "|---|---|---|---|---|"]
+    result = {"args": vars(args), "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+              "load_average_1_5_15_min": {"start": load[0], "after_each_repeat": load[1:]}, "runs": {}}
     for name, runs in rows.items():
         tps = [r[0] for r in runs]
         ttft = [f for r in runs for f in r[1]]
-        med = statistics.median(tps)
-        t = f"{pct(ttft, 0.5):.3f} / {pct(ttft, 0.95):.3f}" if ttft else "-"
-        lines.append(f"| {name} | {med:.1f} ({min(tps):.1f}-{max(tps):.1f}) | {med / base:.2f} | {t} |")
-        result["runs"][name] = {"tokens_per_s": tps, "ttft": ttft}
+        p50 = f"{pct(ttft, 0.5):.3f}" if ttft else "-"
+        p95 = span([pct(r[1], 0.95) for r in runs], ".3f") if ttft else "-"
+        lines.append(f"| {name} | {span(tps, '.1f')} | {statistics.median(tps) / base:.2f} | {p50} | {p95} |")
+        result["runs"][name] = {"tokens_per_s": tps, "ttft": ttft, "ttft_per_repeat": [r[1] for r in runs]}
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / args.out).write_text(json.dumps(result, indent=2))
     print("\n".join(lines))
-
+    print("load average (1 min) at the start and after each repeat: "
+          + ", ".join(f"{x[0]:.1f}" for x in load) + f" ({os.cpu_count()} CPUs)")
 
 if __name__ == "__main__":
     main()

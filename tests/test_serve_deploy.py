@@ -44,8 +44,10 @@ def _expected(model, tok) -> list[str]:
 # ------------------------------------------------------------------ tp 3 on SmolLM2's shape
 @pytest.mark.distributed
 def test_tp3_on_smollm2_shape_equals_one_rank_and_generate(tmp_path, ds_ops):
-    """3 ranks (each 3 query heads, 1 key-value head), requests sent together (batched over the ranks)."""
-    tp = Server(["smollm2-tiny", "--tp", "3", "--grace", "3", "--max-batch", "4"], tmp_path / "tp3")
+    """3 ranks (each 3 query heads, 1 key-value head), requests sent together (batched over the ranks);
+    started by torchrun (`--backend torchrun`: tests/test_serve.py's tp 2 runs under the deepspeed runner)."""
+    tp = Server(["smollm2-tiny", "--tp", "3", "--grace", "3", "--max-batch", "4", "--backend", "torchrun"],
+                tmp_path / "tp3")
     one = Server(["smollm2-tiny", "--threads", "1"], tmp_path / "one")
     try:
         want = _expected(*reference("smollm2-tiny"))  # built while the servers load
@@ -59,6 +61,8 @@ def test_tp3_on_smollm2_shape_equals_one_rank_and_generate(tmp_path, ds_ops):
         assert tp.stop() == 0 and one.stop() == 0
         console = tp.console()
         assert "== SIGTERM: the server drains" in console and "saves a checkpoint" not in console, console
+        command = next(line for line in console.splitlines() if line.strip().startswith("command:"))
+        assert "torchrun" in command and "deepspeed" not in command.split()[1], command
     finally:
         tp.stop()
         one.stop()

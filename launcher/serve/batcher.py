@@ -1,7 +1,8 @@
 """The engine thread: continuous batching of concurrent requests over one KV cache.
 
 Each iteration: finished and cancelled rows leave; every running row decodes one token in one forward;
-waiting requests join (prefilled one by one, up to `max_batch` running). The HTTP event loop never runs
+waiting requests join (up to `max_batch` running), their prompts prefilled together: one forward per
+group of similar lengths, shortest first, each group's first tokens streamed as its forward ends. The HTTP event loop never runs
 the model: it `submit`s a Sequence and reads its events from an asyncio queue.
 
 States: loading -> ready -> draining (SIGTERM: new requests refused, running ones finish until the
@@ -119,23 +120,27 @@ class Engine:
             self.waiting.clear()
 
     def step(self, admit: list[Sequence]) -> None:
-        """One batch step on every rank: drop finished rows, decode the running ones, prefill the new ones."""
+        """One batch step on every rank: drop finished rows, decode the running ones, prefill the new ones
+        (shortest prompts first, similar lengths together in one forward: kv.prefill_groups); each
+        forward's tokens are accepted (streamed) as soon as it ends."""
         for s in self.rows:
             if s.done:
                 self.metrics.finished(s)  # cancelled (client gone) or cut; the others were counted at their end
         keep = [i for i, s in enumerate(self.rows) if not s.done]
         self.rows = [self.rows[i] for i in keep]
+        admit = sorted(admit, key=lambda s: len(s.prompt_ids))  # stable: arrival order among equal lengths
         msg = {"keep": keep, "tokens": [s.pending for s in self.rows], "adapters": [s.adapter for s in self.rows],
                "new": [[s.prompt_ids, s.adapter] for s in admit]}
         self.metrics.running.set(len(self.rows) + len(admit))
         self.channel.send(msg)
-        dec, new = execute(self.loaded.kv, msg, self.loaded.with_adapters)
         tok = self.loaded.tokenizer
-        if dec is not None:
-            for s, t in zip(self.rows, sample(dec, self.rows), strict=True):
+
+        def accept(seqs: list[Sequence], logits) -> None:
+            for s, t in zip(seqs, sample(logits, seqs), strict=True):
                 self._accept(s, t, tok)
-        for s, logits in zip(admit, new, strict=True):
-            self._accept(s, sample(logits[None], [s])[0], tok)
+
+        execute(self.loaded.kv, msg, self.loaded.with_adapters, on_decode=lambda logits: accept(self.rows, logits),
+                on_prefill=lambda group, logits: accept([admit[i] for i in group], logits))
         self.rows += admit
         self.metrics.running.set(sum(not s.done for s in self.rows))
 

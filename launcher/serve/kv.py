@@ -6,19 +6,46 @@ same numbers as an unpadded run. A step:
 
     keep(rows)        finished rows leave: index_select on the batch axis, all-padding columns trimmed
     decode(tokens)    one token per row, one forward for the whole batch (the cache grows by one column)
-    prefill(ids)      a new request's prompt, alone (no padding inside a prompt), then its K/V joins the
-                      batch: the shorter side is left-padded with zeros, masked out
+    prefill(prompts)  new requests' prompts, together in one forward: left-padded to the longest, with
+                      their 2-D mask and per-row position ids (0 at each row's first real token); then
+                      their K/V joins the batch, the shorter side left-padded with zeros, masked out
+
+`prefill_groups` decides which new prompts share a forward (similar lengths; one that would pad the
+others too much gets its own), so a short prompt is not padded to a long one's length.
 
 Padding K/V is zero, never NaN, so masked positions contribute exactly nothing; a decode query is a
-real token and always sees itself, so no attention row is fully masked. The cache is one
-transformers `DynamicCache` (this project's transformers 5.x: the forward takes `cache=`), kept
-between steps; only `keep`/`prefill` rewrite its layers' tensors.
+real token and always sees itself, so no attention row of a real token is fully masked (the K/V that a
+prefill computes at its padded positions are overwritten with zeros). The cache is one transformers
+`DynamicCache` (this project's transformers 5.x: the forward takes `cache=`), kept between steps; only
+`keep`/`prefill` rewrite its layers' tensors.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+
+PAD_ID = 0  # the token id in padded positions (masked: any id in the vocabulary gives the same result)
+FORWARD_COST = 32  # one forward's fixed cost, in prompt tokens' worth of compute (CPU, SmolLM2/llama presets)
+MAX_PREFILL_TOKENS = 4096  # padded tokens in one prefill forward at most (a lone longer prompt still runs)
+
+
+def prefill_groups(lengths: list[int]) -> list[range]:
+    """Consecutive runs of new prompts to prefill together, in the order given (the engine sorts them by
+    length). A prompt joins the current group unless the padding it adds to the group's rows costs more
+    than a forward of its own, or the group would pass MAX_PREFILL_TOKENS."""
+    groups: list[range] = []
+    start, longest = 0, 0
+    for i, n in enumerate(lengths):
+        k, width = i - start, max(n, longest)
+        padding = k * (width - longest) + (width - n)  # what joining adds: the group's rows and this one
+        if k and (padding > FORWARD_COST or (k + 1) * width > MAX_PREFILL_TOKENS):
+            groups.append(range(start, i))
+            start, longest = i, 0
+        longest = max(longest, n)
+    if lengths:
+        groups.append(range(start, len(lengths)))
+    return groups
 
 
 class KVBatch:
@@ -62,23 +89,35 @@ class KVBatch:
         self.mask, self.next_pos = mask, self.next_pos + 1
         return logits
 
-    def prefill(self, ids: list[int], adapter: str | None) -> torch.Tensor:
-        """Logits [vocab] after a new prompt, which joins the batch as its last row."""
-        n = len(ids)
+    def prefill(self, prompts: list[list[int]], adapters: list[str] | None) -> torch.Tensor:
+        """Logits [k, vocab] after k new prompts, prefilled in one forward; they join the batch as its
+        last k rows, in this order."""
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        pos = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+            ids[i, width - n:] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - n:] = 1
+            pos[i, width - n:] = torch.arange(n)
         cache = DynamicCache(config=getattr(self.model, "config", None))
-        logits = self._forward(torch.tensor([ids], dtype=torch.long), torch.ones(1, n, dtype=torch.long),
-                               torch.arange(n)[None], cache, None if adapter is None else [adapter])
-        self._join(cache, n)
-        return logits[0]
+        logits = self._forward(ids, mask, pos, cache, adapters)
+        if min(lengths) < width:  # padded queries saw no real key: their K/V are not to be kept
+            pad = (mask == 0)[:, None, :, None]
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.masked_fill(pad, 0), layer.values.masked_fill(pad, 0)
+        self._join(cache, mask, torch.tensor(lengths, dtype=torch.long))
+        return logits
 
-    def _join(self, cache: DynamicCache, n: int) -> None:
+    def _join(self, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor) -> None:
         if self.cache is None or self.size == 0:
-            self.cache, self.mask, self.next_pos = cache, torch.ones(1, n, dtype=torch.long), torch.tensor([n])
+            self.cache, self.mask, self.next_pos = cache, mask, next_pos
             return
-        t = self.mask.shape[1]
+        t, n = self.mask.shape[1], mask.shape[1]
         width = max(t, n)
-        self.mask = torch.cat([_pad(self.mask, width - t), _pad(torch.ones(1, n, dtype=torch.long), width - n)])
-        self.next_pos = torch.cat([self.next_pos, torch.tensor([n])])
+        self.mask = torch.cat([_pad(self.mask, width - t), _pad(mask, width - n)])
+        self.next_pos = torch.cat([self.next_pos, next_pos])
         for mine, new in zip(self.cache.layers, cache.layers, strict=True):
             mine.keys = torch.cat([_pad(mine.keys, width - t), _pad(new.keys, width - n)])
             mine.values = torch.cat([_pad(mine.values, width - t), _pad(new.values, width - n)])

@@ -8,7 +8,8 @@ default (gloo) group:
      "adapters": [each kept row's adapter or None], "new": [[prompt ids, adapter], ...]}
 
 and {"quit": reason} ends the followers. The sampled tokens never travel: only rank 0 samples, and the
-next step carries them. On one rank nothing is sent.
+next step carries them. "new" is in the order the rows join; every rank splits it into the same prefill
+forwards (kv.prefill_groups, a function of the prompts' lengths). On one rank nothing is sent.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from launcher.serve.kv import KVBatch
+from launcher.serve.kv import KVBatch, prefill_groups
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
@@ -40,16 +42,25 @@ class Channel:
         return box[0]
 
 
-def execute(kv: KVBatch, step: dict, with_adapters: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """Apply one step to this rank's cache: (decode logits of the kept rows, logits of each new row)."""
+def execute(kv: KVBatch, step: dict, with_adapters: bool, on_decode: Callable | None = None,
+            on_prefill: Callable | None = None) -> None:
+    """Apply one step to this rank's cache: keep, decode the kept rows, prefill the new ones in the groups
+    `prefill_groups` makes of them. Rank 0 samples as each forward ends (`on_decode(logits)`,
+    `on_prefill(group range, logits)`), so a group's first tokens stream before the next group runs."""
     def names(items: list) -> list[str] | None:
         return [a or BASE for a in items] if with_adapters else None
 
     with torch.inference_mode():
         kv.keep(step["keep"])
-        dec = kv.decode(step["tokens"], names(step["adapters"])) if step["tokens"] else None
-        new = [kv.prefill(ids, (names([a]) or [None])[0]) for ids, a in step["new"]]
-    return dec, new
+        if step["tokens"]:
+            logits = kv.decode(step["tokens"], names(step["adapters"]))
+            if on_decode is not None:
+                on_decode(logits)
+        new = step["new"]
+        for group in prefill_groups([len(ids) for ids, _ in new]):
+            logits = kv.prefill([new[i][0] for i in group], names([new[i][1] for i in group]))
+            if on_prefill is not None:
+                on_prefill(group, logits)
 
 
 def follow(kv: KVBatch, channel: Channel, with_adapters: bool, grace: float) -> str:
