@@ -93,7 +93,7 @@ def run_one(name: str, tmp: Path) -> dict:
     out = tmp / name.replace("/", "_")
     cmd = command(name)
     load0 = os.getloadavg()[0]
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     proc = subprocess.run([sys.executable, "-m", "launcher.cli", *cmd[1:], f"train.output_dir={out}"], cwd=REPO,
                           capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(REPO)})
     load1 = os.getloadavg()[0]
@@ -107,7 +107,7 @@ def run_one(name: str, tmp: Path) -> dict:
             "load_average_1min": [round(load0, 1), round(load1, 1)],
             "env": {k: os.environ[k] for k in ("LABS_CACHE_DIR", "DS_ACCELERATOR") if k in os.environ},
             "when": started.isoformat(timespec="seconds"),
-            "seconds": round((dt.datetime.now(dt.timezone.utc) - started).total_seconds()), "machine": machine()}
+            "seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds()), "machine": machine()}
 
 
 def describe(command_line: str) -> dict:

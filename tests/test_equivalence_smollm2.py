@@ -15,7 +15,9 @@ x accumulation 4), 10 updates in the first epoch; the 1-rank reference runs once
 
 from __future__ import annotations
 
+import functools
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,13 +43,17 @@ def smol_one_rank(ds_ops, tmp_path_factory):
     return run(tmp_path_factory.mktemp("smol_one_rank"), "ds_configs/zero0.json", 1, *SMOL, timeout=SLOW)
 
 
-def _greedy(folder, tok) -> str:
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+def _greedy(model, tok) -> str:
     ids = tok(PROMPT, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
     return tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+@functools.cache  # the 1-rank export's text: generated once for the file's three checks
+def _reference_text(folder: Path) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return _greedy(AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder))
 
 
 def assert_export_generates_like_the_run(rd, ref) -> None:
@@ -64,7 +70,7 @@ def assert_export_generates_like_the_run(rd, ref) -> None:
     assert torch.equal(logits.argmax(-1), probe["logits"].argmax(-1))
     tok = AutoTokenizer.from_pretrained(rd / "hf")  # the export carries SmolLM2's tokenizer
     assert len(tok) == VOCAB
-    text, want = _greedy(rd / "hf", tok), _greedy(ref / "hf", tok)
+    text, want = _greedy(model, tok), _reference_text(ref / "hf")
     print(f"\ngreedy after {PROMPT!r}: {text!r}")
     assert text == want and text.strip()
 

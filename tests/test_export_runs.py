@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_ok, labs, launch
+from conftest import assert_ok, labs, launch, read_metrics, summary
 
 pytestmark = pytest.mark.distributed
 
@@ -19,7 +19,7 @@ def lora_zero3_run(ds_ops, tmp_path_factory):
     proc, run = launch("jobs/tinyllama_lora.yaml", out, "--dry_run", "--ds-config", "ds_configs/zero3.json",
                        "--set", "train.checkpoint=true", "model.name=smollm2-tiny", "data.block_size=32")
     assert_ok(proc)
-    return out, run
+    return out, run, proc.stdout
 
 
 def _tensors(folder):
@@ -28,8 +28,32 @@ def _tensors(folder):
     return load_file(f)
 
 
+def test_lora_dry_run_two_ranks_zero3_samples_and_adapter_loads(lora_zero3_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    _, run, stdout = lora_zero3_run
+    assert "% trainable" in stdout
+    s = summary(run)
+    assert s["zero_stage"] == 3
+    # before -> after: the step-0 evaluation, and greedy answers generated under ZeRO-3 (parameters gathered,
+    # both ranks in step) to the default prompts, 8 new tokens each (a dry run's), in the summary and metrics.jsonl
+    assert read_metrics(run, "eval")[0]["step"] == 0 and s["eval_before"]["eval_loss"] > 0
+    prompts = ["The capital of France is", "Once upon a time"]
+    for key in ("samples_before", "samples_after"):
+        assert [x["prompt"] for x in s[key]] == prompts and all(x["answer"].strip() for x in s[key]), s[key]
+    assert [r["step"] for r in read_metrics(run, "samples")] == [0, s["steps"]]
+    assert "greedy samples (8 new tokens), before -> after training:" in stdout
+    assert "eval loss (step 0 -> end)" in stdout
+    probe = torch.load(run / "probe_logits.pt")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "hf" / "base"),
+                                      run / "hf" / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(model(**probe["batch"]).logits, probe["logits"], atol=1e-5)
+    assert (run / "hf" / "model.safetensors").is_file()  # merge: true in the job
+
+
 def test_export_of_a_zero3_lora_checkpoint_equals_the_runs_own_export(lora_zero3_run, tmp_path):
-    _, run = lora_zero3_run
+    _, run, _ = lora_zero3_run
     step = json.loads((run / "summary.json").read_text())["steps"]
     proc = labs("export", str(run), "--step", str(step), "--out", str(tmp_path / "exp"))
     assert_ok(proc)
@@ -44,7 +68,7 @@ def test_merge_equals_peft_merge_and_unload(lora_zero3_run, tmp_path):
     `merge_and_unload` of the run's base and adapter, the embedding still tied to the head, the same logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    _, run = lora_zero3_run
+    _, run, _ = lora_zero3_run
     proc = labs("merge", str(run), "--out", str(tmp_path / "merged"))
     assert_ok(proc)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -66,7 +90,7 @@ def test_merge_equals_peft_merge_and_unload(lora_zero3_run, tmp_path):
 
 
 def test_export_refuses_what_it_cannot(lora_zero3_run, tmp_path):
-    _, run = lora_zero3_run
+    _, run, _ = lora_zero3_run
     proc = labs("export", str(run), "--step", "999")
     assert proc.returncode == 2 and "--step 999" in proc.stderr and "complete checkpoints at steps" in proc.stderr
     proc = labs("export", str(tmp_path))
@@ -74,7 +98,7 @@ def test_export_refuses_what_it_cannot(lora_zero3_run, tmp_path):
 
 
 def test_dry_run_keeps_no_checkpoint_and_runs_lists_and_prunes(ds_ops, lora_zero3_run, tmp_path):
-    out, kept = lora_zero3_run
+    out, kept, _ = lora_zero3_run
     proc, dry = launch("jobs/fine_tune_dry_run.yaml", out, "--dry_run", "--set", "train.export=false")
     assert_ok(proc)
     assert not (dry / "checkpoints").exists()

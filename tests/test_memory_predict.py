@@ -16,8 +16,14 @@ from conftest import assert_ok, launch, read_metrics, summary
 from launcher.common.cache import store_baseline
 from launcher.common.layout import Layout
 from launcher.common.text import parse_size
-from launcher.estimate.memory import (Setup, activation_bytes, model_state_bytes, per_rank, predict, stage_params,
-                                      zero_model_state_bytes)
+from launcher.estimate.memory import (
+    Setup,
+    activation_bytes,
+    model_state_bytes,
+    predict,
+    stage_params,
+    zero_model_state_bytes,
+)
 from launcher.estimate.memory_runs import SETS, error_table, headline, load_runs, predicted_bytes, ratios
 from launcher.estimate.shape import Shape
 from tasks.presets import PRESETS, VOCAB
