@@ -37,8 +37,8 @@ def make_prompts(model_name: str, n_tokens: int) -> list[str]:
     (0: as they are)."""
     if n_tokens <= 0:
         return list(PROMPTS)
-    from tasks.causal_lm import build_causal_lm
-    _, tok = build_causal_lm(model_name)
+    from tasks.causal_lm import load_tokenizer  # the tokenizer alone: no model built for it
+    tok = load_tokenizer(model_name, model_name)
     out = []
     for p in PROMPTS:
         ids = tok(p + FILLER * (1 + n_tokens // 20), add_special_tokens=False)["input_ids"][:n_tokens]
@@ -146,6 +146,7 @@ def report(args, rows: dict[str, list], load: list[tuple[float, float, float]]) 
     print("\n".join(lines))
     print("load average (1 min) at the start and after each repeat: "
           + ", ".join(f"{x[0]:.1f}" for x in load) + f" ({os.cpu_count()} CPUs)")
+
 
 if __name__ == "__main__":
     main()
