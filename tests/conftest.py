@@ -215,7 +215,7 @@ def pytest_collection_modifyitems(config, items):
     """Order the groups longest first; mark the serial tests; refuse a fake-host test outside HOST_FILES
     (it would run beside another fake-host test on the other worker)."""
     for item in items:
-        name = Path(str(item.fspath)).name
+        name = item.path.name
         if any(item.name.startswith(t) for t in SERIAL.get(name, ())):
             item.add_marker(pytest.mark.serial)
         if any(item.get_closest_marker(m) for m in HOSTS) and name not in HOST_FILES:

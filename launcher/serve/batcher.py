@@ -2,8 +2,8 @@
 
 Each iteration: finished and cancelled rows leave; every running row decodes one token in one forward;
 waiting requests join (up to `max_batch` running), their prompts prefilled together: one forward per
-group of similar lengths, shortest first, each group's first tokens streamed as its forward ends. The HTTP event loop never runs
-the model: it `submit`s a Sequence and reads its events from an asyncio queue.
+group of similar lengths, shortest first, each group's first tokens streamed as its forward ends. The HTTP
+event loop never runs the model: it `submit`s a Sequence and reads its events from an asyncio queue.
 
 States: loading -> ready -> draining (SIGTERM: new requests refused, running ones finish until the
 grace ends, then are cut) -> stopped; or failed (the model did not load, or a rank is gone).
