@@ -115,7 +115,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
             old.unlink()
         print(f"\n== launching {plan.layout.world} ranks ({backend}, rendezvous port {plan.master_port}); "
               f"logs in {plan.run_dir}/logs", flush=True)
-        started = time.time()
+        before = supervise.stopped_mark(plan.run_dir)
         # from the repository root: DeepSpeed's multi-node runner cds every host to its own folder
         out = supervise.run_ranks(plan.command, env, cwd=REPO if backend == "ssh" else None, run_dir=plan.run_dir,
                                   secrets=secrets, grace=plan.job.train.stop_grace, verbose=args.verbose)
@@ -127,11 +127,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
         print(f"\n== the rendezvous port was taken before rank 0 bound it; again with port {plan.master_port}",
               flush=True)
     (plan.run_dir / STOP_FILE).unlink(missing_ok=True)
-    stopped = supervise.stopped_record(plan.run_dir, started)
+    stopped = supervise.stopped_record(plan.run_dir, before)
     if stopped:
         why = f"{out.signalled} to labs launch" if out.signalled else stopped["reason"]
         print(f"\nrun stopped after step {stopped['step']} ({why}); checkpoint saved: {stopped['checkpoint']}\n"
-              f"continue it with:\n  labs launch {args.job} --resume {plan.run_dir}", flush=True)
+              f"continue it with:\n  labs launch --resume {plan.run_dir}", flush=True)
         return EXIT_STOPPED
     if out.code == 0:
         print(f"\nrun finished: {plan.run_dir} ({', '.join(written(plan.run_dir))})")
@@ -190,7 +190,7 @@ def _submit_slurm(plan, env: dict[str, str], detach: bool) -> int:
             stop["deadline"] = time.monotonic()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    started = time.time()
+    before = supervise.stopped_mark(plan.run_dir)
     try:
         while (state := _slurm_state(job_id, env)) not in SLURM_FINAL:
             if state != last:
@@ -206,7 +206,7 @@ def _submit_slurm(plan, env: dict[str, str], detach: bool) -> int:
     (plan.run_dir / STOP_FILE).unlink(missing_ok=True)
     if log.is_file():
         print(log.read_text()[-6000:], end="", flush=True)
-    if stopped := supervise.stopped_record(plan.run_dir, started):
+    if stopped := supervise.stopped_record(plan.run_dir, before):
         print(f"\nSlurm job {job_id} stopped after step {stopped['step']} ({stopped['reason']}); checkpoint "
               f"saved: {stopped['checkpoint']}\ncontinue it with:\n  labs launch --resume {plan.run_dir}", flush=True)
         return EXIT_STOPPED

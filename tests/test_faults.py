@@ -108,6 +108,10 @@ def _stop_and_resume(tmp_path: Path, uninterrupted: list[float], *backend: str) 
     assert "hunter2-passwd" in (run_dir / "ds_env").read_text()  # the owner-only env file has it
 
     original = (run_dir / "job.yaml").read_text(), (run_dir / "ds_config.json").read_text()
+    # the stop record a minute in the future: as on a file system whose clock runs ahead of this host's
+    # (CI's did); the resume must still tell the stop it continues from a stop of its own
+    t_ahead = time.time() + 60
+    os.utime(run_dir / "stopped.json", (t_ahead, t_ahead))
     proc = labs("launch", "--resume", str(run_dir), *backend, "--set", "train.keep_checkpoints=1")  # an override
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert ((run_dir / "job.yaml").read_text(), (run_dir / "ds_config.json").read_text()) == original

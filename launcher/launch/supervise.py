@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.common.run_dir import STOP_FILE
+from launcher.common.run_dir import STOP_FILE, STOPPED
 
 PEER_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "connection closed",
                "Socket Timeout", "Timed out waiting", "ProcessGroupGloo", "final barrier failed",
@@ -197,11 +197,23 @@ def port_lost(run_dir: Path) -> bool:
                     for r in rank_records(run_dir)))
 
 
-def stopped_record(run_dir: Path, since: float) -> dict | None:
-    f = run_dir / "stopped.json"
+def stopped_mark(run_dir: Path) -> tuple[int, int, int] | None:
+    """stopped.json's state (inode, size, mtime in ns) before a launch; None when there is none."""
     try:
-        if f.stat().st_mtime >= since - 1:
-            return json.loads(f.read_text())
+        st = (run_dir / STOPPED).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def stopped_record(run_dir: Path, before: tuple[int, int, int] | None) -> dict | None:
+    """The stopped.json this launch's ranks wrote: one whose state differs from `before` (what
+    `stopped_mark` saw before the launch). A resumed run's folder keeps the stop record of the launch
+    it continues; comparing its time with the clock mistook it for this launch's (a file system whose
+    times run ahead of this host's clock, or a resume started within a second of the stop)."""
+    if stopped_mark(run_dir) in (None, before):
+        return None
+    try:
+        return json.loads((run_dir / STOPPED).read_text())
     except (OSError, ValueError):
-        pass
-    return None
+        return None
