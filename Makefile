@@ -12,7 +12,7 @@ $(VENV)/.setup-done: pyproject.toml scripts/setup_env.sh
 setup: $(VENV)/.setup-done
 
 demo: setup
-	$(VENV)/bin/labs launch jobs/demo.yaml
+	$(VENV)/bin/labs launch jobs/demo_smollm2.yaml
 
 # System packages for the cluster/slurm tests (root only; the tests skip with the reason otherwise).
 # With Open MPI present, mpi4py too (the openmpi launcher's test).

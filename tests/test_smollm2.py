@@ -236,3 +236,33 @@ def test_hub_ids_offline_point_to_the_converted_preset(monkeypatch):
     for hub_id in smollm2.HUB_IDS:  # online they take the ordinary hub path (the originals)
         with pytest.raises(LabsError, match=rf"{hub_id}.*HF_HUB_OFFLINE=1.*'smollm2-135m'"):
             check_loadable(hub_id, "smollm2-135m")
+
+
+def test_make_demo_fine_tunes_the_pretrained_model(smol_env):
+    """`make demo` runs jobs/demo_smollm2.yaml: the real SmolLM2 weights, fine-tuning hyper-parameters
+    (lr 1e-4, 2 warm-up steps, weight decay 0) reaching the ds_config, 12 updates on 2 ranks, ZeRO-2."""
+    from launcher.launch.make_plan import make_plan
+    assert "labs launch jobs/demo_smollm2.yaml" in (Path(__file__).parents[1] / "Makefile").read_text()
+    plan = make_plan("jobs/demo_smollm2.yaml")
+    assert plan.params == (PARAMS_135M, 49152 * 576) and plan.layout.world == 2
+    opt, sched = plan.ds_config["optimizer"]["params"], plan.ds_config["scheduler"]["params"]
+    assert (opt["lr"], opt["weight_decay"], sched["warmup_max_lr"], sched["warmup_num_steps"]) == (1e-4, 0, 1e-4, 2)
+    assert plan.ds_config["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(os.environ.get("LABS_HEAVY") != "1", reason="the real demo: about 3 minutes of 2 cores; "
+                    "opt-in, LABS_HEAVY=1")
+def test_the_demo_visibly_improves_the_pretrained_model(smol_env, tmp_path):
+    """What README's demo section says of `make demo`: the held-out perplexity falls at every evaluation,
+    and the greedy answers change toward the text while the capital of France stays Paris."""
+    from conftest import assert_ok, launch, read_metrics, summary
+    proc, rd = launch("jobs/demo_smollm2.yaml", tmp_path, timeout=900)
+    assert_ok(proc)
+    ppl = [r["perplexity"] for r in read_metrics(rd, "eval")]
+    print("\nperplexity at each evaluation:", [round(p, 1) for p in ppl])
+    assert len(ppl) == 4 and all(b < a for a, b in zip(ppl[:-1], ppl[1:], strict=True)) and ppl[-1] < ppl[0] / 2
+    s = summary(rd)
+    before, after = ({d["prompt"]: d["answer"] for d in s[k]} for k in ("samples_before", "samples_after"))
+    assert before["Data parallelism is"] != after["Data parallelism is"]
+    assert "Paris" in before["The capital of France is"] and "Paris" in after["The capital of France is"]
