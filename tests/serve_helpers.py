@@ -105,3 +105,30 @@ class Server:
                 self.proc.wait(10)
         self.log.close()
         return self.proc.returncode
+
+
+def shm_files(port_hint: str) -> list[str]:
+    """DeepSpeed's CPU comm op files in /dev/shm of this user named by a rendezvous port."""
+    return [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port_hint}_*")]
+
+
+def serve_ranks(serve_dir: Path) -> list[int]:
+    """The rank processes of a serve folder (their command line names its serve.json)."""
+    spec = str(serve_dir / "serve.json")
+    out = []
+    for p in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = p.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"launcher.serve.rank" in cmd and spec.encode() in cmd:
+            out.append(int(p.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False

@@ -14,11 +14,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import REPO, Server
+from serve_helpers import REPO, Server, alive, serve_ranks, shm_files
 from serve_helpers import generate as _generate
 from serve_helpers import reference as _reference
 
@@ -255,10 +254,6 @@ def test_non_loopback_host_needs_an_api_key():
     assert proc.returncode == 2 and "--api-key" in proc.stderr and "LABS_API_KEY" in proc.stderr
 
 
-def _shm(port_hint: str) -> list[str]:
-    return [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port_hint}_*")]
-
-
 def _stream_until_end(server: Server, prompt: str, out: list) -> None:
     body = {"model": "llama-tiny", "prompt": prompt, "max_tokens": 300, "temperature": 0, "stream": True}
     try:
@@ -279,7 +274,7 @@ def test_tp2_equals_one_rank_then_sigterm_with_requests_in_flight(tmp_path, serv
             a = one.completions.create(model="llama-tiny", prompt=prompt, max_tokens=16, temperature=0)
             b = two.completions.create(model="llama-tiny", prompt=prompt, max_tokens=16, temperature=0)
             assert b.choices[0].text == a.choices[0].text and b.usage == a.usage
-        ranks = _ranks(tp.out)
+        ranks = serve_ranks(tp.out)
         assert len(ranks) >= 2  # the runner, its launch.py and the two ranks all name serve.json
         streams: list = []
         threads = [threading.Thread(target=_stream_until_end, args=(tp, p, streams)) for p in PROMPTS]
@@ -294,8 +289,8 @@ def test_tp2_equals_one_rank_then_sigterm_with_requests_in_flight(tmp_path, serv
         for t in threads:
             t.join(10)
         assert len(streams) == 3 and all(s[-1] == "data: [DONE]" for s in streams), streams
-        assert not [p for p in ranks if _alive(p)], "a rank outlived labs serve"
-        assert not _shm(str(master_port)), "a /dev/shm file was left"
+        assert not [p for p in ranks if alive(p)], "a rank outlived labs serve"
+        assert not shm_files(str(master_port)), "a /dev/shm file was left"
     finally:
         tp.stop()
 
@@ -305,7 +300,7 @@ def test_a_dead_rank_ends_the_server_and_is_named(tmp_path):
     s = Server(["llama-tiny", "--threads", "1"], tmp_path / "dead")
     try:
         s.wait_ready()
-        (pid,) = _ranks(s.out)
+        (pid,) = serve_ranks(s.out)
         os.kill(pid, signal.SIGKILL)
         code = s.proc.wait(60)
         assert code != 0
@@ -317,28 +312,6 @@ def test_a_dead_rank_ends_the_server_and_is_named(tmp_path):
 def _port() -> int:
     from launcher.common.proc import free_port
     return free_port()
-
-
-def _ranks(serve_dir: Path) -> list[int]:
-    """The rank processes of a serve folder (their command line names its serve.json)."""
-    spec = str(serve_dir / "serve.json")
-    out = []
-    for p in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            cmd = p.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"launcher.serve.rank" in cmd and spec.encode() in cmd:
-            out.append(int(p.parent.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def test_targets_resolve_without_torch_and_bad_ones_are_named(tmp_path, adapter):

@@ -17,8 +17,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
-from serve_helpers import REPO, Server, generate, reference
+from serve_helpers import REPO, Server, alive, generate, reference, serve_ranks, shm_files
 
 PROMPTS = ["The quick brown fox", "Parallelism on CPUs is", "Once upon a time, in a land far away,"]
 TOKENS = (6, 9, 12)  # per prompt: rows of different lengths join and leave the batch at different steps
@@ -45,9 +46,12 @@ def _expected(model, tok) -> list[str]:
 @pytest.mark.distributed
 def test_tp3_on_smollm2_shape_equals_one_rank_and_generate(tmp_path, ds_ops):
     """3 ranks (each 3 query heads, 1 key-value head), requests sent together (batched over the ranks);
-    started by torchrun (`--backend torchrun`: tests/test_serve.py's tp 2 runs under the deepspeed runner)."""
-    tp = Server(["smollm2-tiny", "--tp", "3", "--grace", "3", "--max-batch", "4", "--backend", "torchrun"],
-                tmp_path / "tp3")
+    started by torchrun (`--backend torchrun`: tests/test_serve.py's tp 2 runs under the deepspeed runner);
+    after SIGTERM no rank is left and no /dev/shm file of its rendezvous port."""
+    from launcher.common.proc import free_port
+    master_port = free_port()
+    tp = Server(["smollm2-tiny", "--tp", "3", "--grace", "3", "--max-batch", "4", "--backend", "torchrun",
+                 "--master_port", str(master_port)], tmp_path / "tp3")
     one = Server(["smollm2-tiny", "--threads", "1"], tmp_path / "one")
     try:
         want = _expected(*reference("smollm2-tiny"))  # built while the servers load
@@ -58,7 +62,11 @@ def test_tp3_on_smollm2_shape_equals_one_rank_and_generate(tmp_path, ds_ops):
             together = list(pool.map(lambda pn: _complete(tp, "smollm2-tiny", *pn), PAIRS, timeout=180))
         assert alone == want and together == want, (want, alone, together)
         assert len(set(want)) == 3  # the prompts matter: no constant output
+        ranks = serve_ranks(tp.out)
+        assert len(ranks) == 4, ranks  # torchrun and its 3 workers: each command line names serve.json
         assert tp.stop() == 0 and one.stop() == 0
+        assert not [p for p in ranks if alive(p)], "a rank outlived labs serve"
+        assert not shm_files(str(master_port)), "a /dev/shm file was left"
         console = tp.console()
         assert "== SIGTERM: the server drains" in console and "saves a checkpoint" not in console, console
         command = next(line for line in console.splitlines() if line.strip().startswith("command:"))
@@ -158,27 +166,33 @@ def _image_unavailable_reason() -> str | None:
 
 
 @pytest.mark.container
-def test_the_image_serves(tmp_path):
-    """`podman run --network host IMAGE labs serve llama-tiny`: the openai client here gets generate's
-    answers; SIGTERM to `podman run` (proxied to labs, PID 1 of the container) stops it cleanly. It runs
-    the image as built (rebuild it after a code change: scripts/build_image.sh --local, cached)."""
+def test_the_image_serves_on_a_published_port_with_an_api_key(tmp_path):
+    """`podman run -p PORT:8000 -e LABS_API_KEY IMAGE labs serve llama-tiny --host 0.0.0.0`, as a user
+    deploys it (docker run -p): the container's own network, the port published on this host. Off loopback
+    the key is required: /health answers without it, /v1/models is 401 without it; the openai client here
+    with the key gets generate's answers; SIGTERM to `podman run` (proxied to labs, PID 1 of the container)
+    stops it cleanly. It runs the image as built (rebuild it after a code change: scripts/build_image.sh
+    --local, cached)."""
     if reason := _image_unavailable_reason():
         pytest.skip(reason)
     from test_container import BUILT, podman_env
 
     from launcher.common.proc import free_port
-    port, name = free_port(), f"labs-serve-test-{os.getpid()}"
-    cmd = ["podman", "run", "--rm", "--name", name, "--network", "host", "-e", "HF_HUB_OFFLINE=1",
-           "-e", "OMP_NUM_THREADS=1", BUILT, "labs", "serve", "llama-tiny", "--port", str(port), "--threads", "1",
-           "--grace", "3"]
-    server = Server.around(cmd, port, tmp_path / "podman", os.environ | podman_env())
+    port, name, key = free_port(), f"labs-serve-test-{os.getpid()}", "sk-container-test-1"
+    cmd = ["podman", "run", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:8000", "-e", "HF_HUB_OFFLINE=1",
+           "-e", "OMP_NUM_THREADS=1", "-e", "LABS_API_KEY", BUILT, "labs", "serve", "llama-tiny", "--host", "0.0.0.0",
+           "--port", "8000", "--threads", "1", "--grace", "3"]
+    server = Server.around(cmd, port, tmp_path / "podman", os.environ | podman_env() | {"LABS_API_KEY": key})
     try:
         server.wait_ready(300)
+        assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
+        server.key = key
         want = _expected(*reference("llama-tiny"))
         got = [_complete(server, "llama-tiny", p, n) for p, n in PAIRS]
         assert got == want, (want, got)
         assert server.stop() == 0, server.console()
         assert "server stopped (SIGTERM)" in server.console(), server.console()
+        assert key not in server.console()
     finally:
         if server.proc.poll() is None:
             subprocess.run(["podman", "rm", "-f", "--ignore", name], env=os.environ | podman_env(),
