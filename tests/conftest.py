@@ -23,6 +23,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# the test processes' own torch (models loaded and generating in the test) as the ranks' (rank_environment):
+# OpenMP threads sleep when they wait instead of spinning beside the other worker's ranks
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # the venv's bin first, as `labs launch` gives its ranks: its ninja builds DeepSpeed's comm op; another
 # ninja on PATH (e.g. /usr/bin) would make the two rebuild the shared extension cache in turn
 _VENV_BIN = str(Path(sys.executable).parent)

@@ -112,6 +112,16 @@ def test_ranks_environment_passes_hf_and_wandb_and_masks_secrets(tmp_path):
     assert "WANDB_PROJECT=p1" in proc.stdout and "HF_HOME=/data/hf" in proc.stdout
 
 
+def test_ranks_openmp_threads_sleep_when_they_wait_unless_the_user_says_otherwise(monkeypatch):
+    """OMP_WAIT_POLICY=PASSIVE by default (libgomp's spin-wait doubled a rank's CPU beside other work:
+    bench/omp_wait.py); a user's own value reaches the ranks unchanged."""
+    from launcher.common.proc import rank_environment
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert rank_environment(2)["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert rank_environment(2)["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_unsafe_environment_value_is_refused(tmp_path):
     proc = plan(env={"WANDB_NOTES": 'say "hi" $HOME'})
     assert proc.returncode == 2

@@ -153,13 +153,16 @@ def single_process_env() -> None:
 def rank_environment(ranks_per_host: int, threads: int | None = None) -> dict[str, str]:
     """The environment every rank gets, whoever starts it (`labs launch`'s backends, the RAG lab's
     tensor-parallel relaunch, `labs serve`): this accelerator and extensions folder, the threads of one
-    rank, the venv's bin first on PATH (its ninja builds DeepSpeed's ops; a second ninja version on PATH,
+    rank, OpenMP's threads sleeping when they wait (OMP_WAIT_POLICY=PASSIVE unless the user set it: libgomp's
+    default spin-wait doubled a 1-rank run's CPU and wall time beside one other busy process, measured in
+    bench/omp_wait.py), the venv's bin first on PATH (its ninja builds DeepSpeed's ops; a second ninja version on PATH,
     e.g. /usr/bin, hashes commands differently and forces rebuilds of the shared cache), and the
     repository in front of the user's own PYTHONPATH (extended, never replaced)."""
     return {
         "DS_ACCELERATOR": accelerator(),
         "TORCH_EXTENSIONS_DIR": extensions_dir(),
         "OMP_NUM_THREADS": str(threads or max((os.cpu_count() or 1) // max(ranks_per_host, 1), 1)),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY") or "PASSIVE",
         "PATH": os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")])),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "PYTHONUNBUFFERED": "1",
