@@ -165,6 +165,7 @@ def _submit_slurm(plan, env: dict[str, str], detach: bool) -> int:
     if not shutil.which("sbatch"):
         raise LabsError(f"sbatch not found: --backend slurm runs on a Slurm login node; the job script is "
                         f"written to {script} (submit it there with `sbatch {script}`)")
+    before = supervise.stopped_mark(plan.run_dir)  # before the job can start
     res = subprocess.run(plan.command, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise LabsError(f"sbatch {script} failed ({res.returncode}): {res.stderr.strip() or res.stdout.strip()}")
@@ -190,7 +191,6 @@ def _submit_slurm(plan, env: dict[str, str], detach: bool) -> int:
             stop["deadline"] = time.monotonic()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    before = supervise.stopped_mark(plan.run_dir)
     try:
         while (state := _slurm_state(job_id, env)) not in SLURM_FINAL:
             if state != last:
