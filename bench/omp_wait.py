@@ -27,6 +27,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from launcher.common.cache import cpu_model  # noqa: E402  (the name runs record, without torch)
+
 SETS = ["model.name=smollm2-tiny", "data.dataset=sample", "data.block_size=12", "train.epochs=1",
         "ds.train_micro_batch_size_per_gpu=1", "ds.gradient_accumulation_steps=4", "train.max_steps=10",
         "train.eval_every=0", "train.export=true", "train.checkpoint=false"]
@@ -84,19 +88,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{condition:24s} {key:8s} PASSIVE / ACTIVE: median {statistics.median(rs):.2f}, "
                   f"range {min(rs):.2f}-{max(rs):.2f} over {len(rs)} pairs")
     result = {"command": "python bench/omp_wait.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": _cpu(),
+              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": f"{cpu_model()}, {os.cpu_count()} logical CPUs",
               "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
               "runs": runs, "passive_over_active": ratios}
     print(f"load average before {result['load_before']}, after {result['load_after']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip() + f", {os.cpu_count()} logical CPUs"
-    return f"{os.cpu_count()} logical CPUs"
 
 
 if __name__ == "__main__":
