@@ -2,7 +2,11 @@
 plain sequential `model.generate` loop on the same weights, in the same invocation.
 
     python bench/serve.py [--model llama-small] [--tokens 64] [--requests 16] [--repeats 3] [--threads 1]
-                          [--prompt-tokens 0] [--tp 1] [--concurrency 1,4,8] [--out serve.json]
+                          [--prompt-tokens 0] [--tp 1] [--concurrency 1,4,8] [--dtype fp32|bf16]
+                          [--out serve.json]
+
+The server and the sequential loop run in the same dtype (--dtype: bf16 where the CPU lists avx512_bf16 or
+amx_bf16, else fp32, as `labs serve`'s default), the same threads and the same weights.
 
 Writes bench/results/serve.json (or --out) and prints a markdown table (median and range over the repeats)
 and the load average seen at the start and after each repeat (the machine may be shared).
@@ -46,15 +50,16 @@ def make_prompts(model_name: str, n_tokens: int) -> list[str]:
     return out
 
 
-def sequential(model_name: str, seed: int, n: int, tokens: int, threads: int) -> float:
-    """tokens/s of a plain loop: one model.generate per request, greedy, exactly `tokens` new tokens."""
+def sequential(model_name: str, seed: int, n: int, tokens: int, threads: int, dtype: str) -> float:
+    """tokens/s of a plain loop: one model.generate per request, greedy, exactly `tokens` new tokens, in the
+    server's dtype."""
     import torch
 
     from tasks.causal_lm import build_causal_lm
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model, tok = build_causal_lm(model_name)
-    model.eval()
+    model.eval().to(torch.bfloat16 if dtype == "bf16" else torch.float32)
     t0 = time.perf_counter()
     for i in range(n):
         x = tok(f"{PROMPTS[i % 4]} {i}", return_tensors="pt")["input_ids"]
@@ -99,21 +104,27 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1, help="the server's tensor-parallel ranks (the baseline: one process)")
     p.add_argument("--prompt-tokens", type=int, default=0, help="pad each prompt to this many tokens (0: a few words)")
     p.add_argument("--concurrency", default="1,4,8", help="the concurrencies served, comma-separated")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 where the CPU has it, else fp32")
     p.add_argument("--out", default="serve.json", help="file name under bench/results/")
     args = p.parse_args()
+    if args.dtype is None:  # the server's own rule, resolved here so that the loop gets the same
+        from launcher.serve_cli import serve_dtype
+        args.dtype = serve_dtype("auto")[0]
     PROMPTS[:] = make_prompts(args.model, args.prompt_tokens)
     levels = [int(c) for c in args.concurrency.split(",")]
     rows: dict[str, list] = {"sequential": [], **{f"c{c}": [] for c in levels}}
     load = [os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server([args.model, "--threads", str(args.threads), "--max-batch", "8", "--tp", str(args.tp)],
+        server = Server([args.model, "--threads", str(args.threads), "--max-batch", "8", "--tp", str(args.tp),
+                         "--dtype", args.dtype],
                         Path(tmp) / "bench")
         server.name = args.model
         try:
             server.wait_ready()
             served(server, 4, 4, 8)  # warm-up
             for _ in range(args.repeats):
-                rows["sequential"].append((sequential(args.model, 0, args.requests // 2, args.tokens, args.threads), []))
+                rows["sequential"].append((sequential(args.model, 0, args.requests // 2, args.tokens, args.threads,
+                                                          args.dtype), []))
                 for c in levels:
                     rows[f"c{c}"].append(served(server, c, args.requests, args.tokens))
                 load.append(os.getloadavg())

@@ -2,6 +2,7 @@
 
     labs serve TARGET [--step N] [--lora NAME=PATH ...] [--tp N | --ds-config C] [--hostfile H]
                       [--backend local|torchrun|ssh] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+                      [--dtype auto|fp32|bf16]
 
 TARGET: a run folder (its hf/ export; --step N: that checkpoint, exported first), an HF model folder,
 a hub id, a preset (`labs presets`), or a PEFT LoRA adapter folder (served over its base). One rank runs
@@ -25,6 +26,7 @@ from launcher.common.files import load_json
 from launcher.common.layout import Layout
 from launcher.common.proc import clear_stale_build_locks, free_port, port_free, remove_shm
 from launcher.common.run_dir import STOP_FILE
+from launcher.config.ds.optim import BF16_FLAGS, cpu_has_bf16
 from launcher.config.hostfile import is_local, load_hostfile
 from launcher.config.job import Job
 from launcher.launch.backends import build_command, check_ssh, check_tools
@@ -57,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429")
     p.add_argument("--grace", type=float, default=10.0, help="seconds running requests get after SIGTERM")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="weights, activations and KV cache (default auto: bf16 where the CPU lists avx512_bf16 or "
+                        "amx_bf16, as training's `bf16: auto`; else fp32)")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: the cores / ranks, as training)")
     p.add_argument("--seed", type=int, default=0, help="random weights of a preset built from config")
     p.add_argument("--out", help="serve folder for logs (default runs/serve/<time> under the working folder)")
@@ -91,6 +96,24 @@ def _checks(args: argparse.Namespace, key: str | None) -> None:
                         f"environment variable LABS_API_KEY), or keep --host 127.0.0.1")
     if not port_free(args.port, args.host):
         raise LabsError(f"--port {args.port} is in use on {args.host}: choose another port")
+
+
+def serve_dtype(requested: str) -> tuple[str, str]:
+    """(fp32 | bf16, why) for --dtype: `auto` takes bf16 where this CPU computes it fast (training's rule,
+    launcher.config.ds.optim); an explicit bf16 on a CPU without those flags is refused, as training refuses it
+    (torch would emulate it, many times slower than fp32)."""
+    has = cpu_has_bf16()
+    flags = " nor ".join(BF16_FLAGS)
+    if requested == "fp32":
+        return "fp32", "--dtype fp32"
+    if requested == "bf16":
+        if has is False:
+            raise LabsError(f"--dtype bf16: this CPU lists neither {flags}, so bf16 would be emulated (many times "
+                            f"slower than fp32); use --dtype fp32 or --dtype auto")
+        return "bf16", "--dtype bf16"
+    if has:
+        return "bf16", f"--dtype auto: this CPU lists {'/'.join(BF16_FLAGS)}"
+    return "fp32", f"--dtype auto: this CPU lists neither {flags}" if has is False else "--dtype auto: no /proc/cpuinfo"
 
 
 def _launch(args: argparse.Namespace, sp: ServePlan, spec_file: Path) -> Plan:
@@ -134,6 +157,7 @@ def _rank_env(args: argparse.Namespace, plan: Plan, key: str | None, serve_dir: 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     key = args.api_key or os.environ.get("LABS_API_KEY") or None
+    dtype, dtype_why = serve_dtype(args.dtype)
     _checks(args, key)
     tp = _tp(args)
     target = resolve(args.target, args.step, args.lora, args.served_model_name)
@@ -146,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     (serve_dir / "logs").mkdir(parents=True, exist_ok=True)
     (serve_dir / STOP_FILE).unlink(missing_ok=True)
     sp = ServePlan(target, tp, args.host, args.port, args.backend, serve_dir, args.max_batch, args.max_queue,
-                   args.grace, args.seed, bool(key))
+                   args.grace, args.seed, bool(key), dtype=dtype, dtype_why=dtype_why)
     spec_file = serve_dir / "serve.json"
     spec_file.write_text(json.dumps(sp.spec() | {"threads": args.threads}, indent=2))
     plan = _launch(args, sp, spec_file)

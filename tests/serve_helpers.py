@@ -35,10 +35,13 @@ def generate(model, tok, ids: list[int], n: int) -> str:
 
 
 class Server:
-    """`labs serve ARGS` on 127.0.0.1 and a free port; `url` once /health says ready."""
+    """`labs serve ARGS` on 127.0.0.1 and a free port; `url` once /health says ready. Without a --dtype in ARGS
+    it serves fp32, as `reference` builds the model (the default, auto, is bf16 on a CPU with bf16)."""
 
     def __init__(self, args: list[str], out: Path, key: str | None = None, env: dict | None = None):
         from launcher.common.proc import free_port
+        if "--dtype" not in args:
+            args = [*args, "--dtype", "fp32"]
         self.port, self.key, self.out = free_port(), key, out
         self.log = open(out.with_suffix(".console.log"), "w")  # noqa: SIM115 - closed in stop()
         cmd = [sys.executable, "-m", "launcher.cli", "serve", *args, "--port", str(self.port), "--out", str(out)]

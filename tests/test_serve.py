@@ -254,11 +254,19 @@ def test_non_loopback_host_needs_an_api_key():
     assert proc.returncode == 2 and "--api-key" in proc.stderr and "LABS_API_KEY" in proc.stderr
 
 
-def _stream_until_end(server: Server, prompt: str, out: list) -> None:
-    body = {"model": "llama-tiny", "prompt": prompt, "max_tokens": 300, "temperature": 0, "stream": True}
+def _stream_until_end(server: Server, prompt: str, out: list, started: threading.Event | None = None) -> None:
+    """A streamed request of up to 480 tokens (llama-tiny's context is 512; about 1.5 s of decoding at 3 rows on
+    an idle 2-core machine); `started` is set at its first data line."""
+    body = {"model": "llama-tiny", "prompt": prompt, "max_tokens": 480, "temperature": 0, "stream": True}
+    lines = []
     try:
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
-            out.append([line for line in r.iter_lines() if line])
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    if started is not None:
+                        started.set()
+        out.append(lines)
     except httpx.TransportError as e:
         out.append([f"transport error {e}"])
 
@@ -266,7 +274,7 @@ def _stream_until_end(server: Server, prompt: str, out: list) -> None:
 @pytest.mark.distributed
 def test_tp2_equals_one_rank_then_sigterm_with_requests_in_flight(tmp_path, server, ds_ops):
     master_port = _port()
-    tp = Server(["llama-tiny", "--tp", "2", "--grace", "3", "--master_port", str(master_port)], tmp_path / "tp2")
+    tp = Server(["llama-tiny", "--tp", "2", "--grace", "10", "--master_port", str(master_port)], tmp_path / "tp2")
     try:
         tp.wait_ready(240)
         one, two = server.client(), tp.client()
@@ -277,10 +285,13 @@ def test_tp2_equals_one_rank_then_sigterm_with_requests_in_flight(tmp_path, serv
         ranks = serve_ranks(tp.out)
         assert len(ranks) >= 2  # the runner, its launch.py and the two ranks all name serve.json
         streams: list = []
-        threads = [threading.Thread(target=_stream_until_end, args=(tp, p, streams)) for p in PROMPTS]
+        started = [threading.Event() for _ in PROMPTS]
+        threads = [threading.Thread(target=_stream_until_end, args=(tp, p, streams, e))
+                   for p, e in zip(PROMPTS, started, strict=True)]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        # SIGTERM while all three generate (a fixed sleep raced a fast machine: 300 tokens took 0.7 s there)
+        assert all(e.wait(30) for e in started)
         tp.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         late = httpx.post(tp.url + "/v1/completions", json={"model": "llama-tiny", "prompt": "x"}, timeout=5)

@@ -181,7 +181,7 @@ def test_the_image_serves_on_a_published_port_with_an_api_key(tmp_path):
     port, name, key = free_port(), f"labs-serve-test-{os.getpid()}", "sk-container-test-1"
     cmd = ["podman", "run", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:8000", "-e", "HF_HUB_OFFLINE=1",
            "-e", "OMP_NUM_THREADS=1", "-e", "LABS_API_KEY", BUILT, "labs", "serve", "llama-tiny", "--host", "0.0.0.0",
-           "--port", "8000", "--threads", "1", "--grace", "3"]
+           "--port", "8000", "--threads", "1", "--grace", "3", "--dtype", "fp32"]
     server = Server.around(cmd, port, tmp_path / "podman", os.environ | podman_env() | {"LABS_API_KEY": key})
     try:
         server.wait_ready(300)
@@ -250,7 +250,7 @@ def test_ssh_backend_tp2_across_two_fake_hosts(tmp_path):
         port = 18000 + os.getpid() % 1000
         proc = cluster.popen("node1", [str(VENV_BIN / "python"), "-m", "launcher.cli", "serve", "llama-tiny", "--tp",
                                        "2", "--hostfile", str(hostfile), "--port", str(port), "--threads", "1",
-                                       "--grace", "3", "--out", str(tmp_path / "serve")],
+                                       "--grace", "3", "--dtype", "fp32", "--out", str(tmp_path / "serve")],
                              env=env | {"LABS_API_KEY": "ssh-key-123"}, cwd=REPO)
         try:
             want = _expected(*reference("llama-tiny"))

@@ -11,7 +11,7 @@ from launcher.parallel import tensor_parallel_sizes
 from launcher.serve.target import Target
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-FP32 = 4
+BYTES = {"fp32": 4, "bf16": 2}
 
 
 def check_tp(target: Target, tp: int) -> None:
@@ -41,6 +41,8 @@ class ServePlan:
     seed: int
     api_key: bool
     hostfile: str | None = None
+    dtype: str = "fp32"
+    dtype_why: str = ""
     command: list[str] = field(default_factory=list)
 
     @property
@@ -53,17 +55,17 @@ class ServePlan:
         t = self.target
         return {"name": t.name, "model": t.model, "adapters": t.adapters, "tp": self.tp, "seed": self.seed,
                 "host": self.host, "port": self.port, "max_batch": self.max_batch, "max_queue": self.max_queue,
-                "grace": self.grace}
+                "grace": self.grace, "dtype": self.dtype}
 
     def memory_lines(self) -> list[str]:
         """Weights per rank under AutoTP (embeddings and norms whole on every rank; attention, MLP and
-        the LM head split N ways) and the KV cache at a full batch of full contexts, fp32."""
+        the LM head split N ways) and the KV cache at a full batch of full contexts, in the served dtype."""
         s, ctx = self.target.shape, self.target.context
         if s is None:
             return ["  memory per rank: unknown until the model is loaded (no local config.json)"]
-        tp = self.tp
-        weights = (s.embed + s.final + (s.layers * s.block + s.head) / tp) * FP32
-        kv_token = 2 * s.layers * s.kv_heads * (s.hidden // s.heads) * FP32 / tp
+        tp, size = self.tp, BYTES[self.dtype]
+        weights = (s.embed + s.final + (s.layers * s.block + s.head) / tp) * size
+        kv_token = 2 * s.layers * s.kv_heads * (s.hidden // s.heads) * size / tp
         lines = [f"  memory per rank: weights {fmt_bytes(weights)} ({s.params / 1e6:.1f}M params"
                  + (f", attention/MLP/head split {tp} ways" if tp > 1 else "") + ")"]
         if ctx:
@@ -79,7 +81,8 @@ class ServePlan:
         where = f"backend {self.backend}" + (f", hostfile {self.hostfile}" if self.hostfile else "")
         layout = (f"tensor parallel {self.tp} ranks (AutoTP: rank 0 serves HTTP and broadcasts each batch step)"
                   if self.tp > 1 else "1 rank (no tensor parallel)")
-        lines += [f"  precision fp32; {layout}; {where}", *self.memory_lines(),
+        why = f" ({self.dtype_why})" if self.dtype_why else ""
+        lines += [f"  precision {self.dtype}{why}; {layout}; {where}", *self.memory_lines(),
                   f"  batching: up to {self.max_batch} running requests, {self.max_queue} waiting (then 429); "
                   f"context {t.context or 'from the model config'}",
                   f"  URL {self.url}  (" + ("API key required on every route but /health" if self.api_key
