@@ -5,7 +5,9 @@
         [--set data.data_dir=../shared/data] [--out bench/results/baselines]
 
 The same model (a tasks/presets.py Llama), sequence length, global batch, precision and number of steps,
-the same data and seed (every stack builds them with the project's task code), trained by:
+the same data and seed (every stack builds them with the project's task code), and the same optimizer:
+torch's fused AdamW, which every shipped ds_config builds (the plain loops get `--optimizer fused`, the labs
+arms `ds.optimizer.params.fused=true`, the HF Trainer the ds_config's own), trained by:
 
 - torch_ddp     a plain PyTorch loop, DistributedDataParallel over gloo, under torchrun (2 ranks x 1 core)
 - torch_1proc   the same loop in one process with every core (full run only)
@@ -13,7 +15,7 @@ the same data and seed (every stack builds them with the project's task code), t
                 deepspeed=...)`), under torchrun, 2 ranks
 - labs_zeroK    `labs launch` with ds_configs/zeroK.json, 2 ranks (quick: zero2 only)
 - labs_1proc    this project's fastest one-process setting (bench/fastpath.py, docs/benchmarks.md): 1 rank
-                with every core, the whole global batch as one micro-batch, torch's fused AdamW (full run only)
+                with every core, the whole global batch as one micro-batch (full run only)
 
 Arms run interleaved (every arm once per round, the order rotated) for --repeats rounds. Reported per arm:
 median and min-max of steady-state tokens/s and MFU (launcher/mfu.py; the matmul peak measured at the
@@ -63,8 +65,8 @@ def arms_for(w: Workload, quick: bool, ranks: int = 2) -> list[Arm]:
     arms += [Arm(f"labs_zero{k}", "labs", ranks, t, per_rank, f"ds_configs/zero{k}.json",
                  note=f"labs launch, ZeRO-{k}") for k in stages]
     if not quick:
-        arms.append(Arm("labs_1proc", "labs", 1, cores, g, "ds_configs/zero0.json", optimizer="fused",
-                        note="labs launch, 1 rank, whole batch, fused AdamW"))
+        arms.append(Arm("labs_1proc", "labs", 1, cores, g, "ds_configs/zero0.json",
+                        note="labs launch, 1 rank, whole batch"))
         arms.insert(1, Arm("torch_1proc", "torch", 1, cores, g, note="plain PyTorch, 1 process"))
     return arms
 

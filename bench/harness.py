@@ -55,7 +55,9 @@ class Arm:
     threads: int  # per rank
     micro: int  # micro-batch per rank
     ds_config: str | None = None  # labs, hf
-    optimizer: str = "default"  # default | foreach | fused (torch AdamW)
+    # torch AdamW: default (for-loop on CPU) | foreach | fused. Every arm takes fused by default, the AdamW every
+    # shipped ds_config builds ("torch_adam": true, "fused": true): the same implementation on both sides
+    optimizer: str = "fused"
     sets: list[str] = field(default_factory=list)  # labs: extra --set
     note: str = ""
     precision: str | None = None  # overrides the workload's

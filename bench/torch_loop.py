@@ -6,8 +6,8 @@ seed), trained by a hand-written loop; DistributedDataParallel over gloo when st
         --threads 1 --out_json r.json --set data.block_size=64
 
 Per optimizer step: `accum` micro-batches (no_sync on all but the last under DDP), gradient clipping
-at 1.0, AdamW (lr 3e-3, betas 0.9/0.95, eps 1e-8, weight decay 0.01, as ds_configs/*.json), a linear
-warm-up of 5 steps, and the loss averaged over the ranks (as the labs worker logs it). bf16: autocast
+at 1.0, AdamW (lr 3e-3, betas 0.9/0.95, eps 1e-8, weight decay 0.01, as ds_configs/*.json), the warm-up
+the labs arm's ds_config runs (DeepSpeed's WarmupLR, log-shaped from 0 over 5 steps: `warmup_factor`), and the loss averaged over the ranks (as the labs worker logs it). bf16: autocast
 (the model and the optimizer stay fp32), PyTorch's own mixed-precision idiom. With several ranks and
 at least as many cores, each rank is pinned to one core (as DeepSpeed's --bind_cores_to_rank does).
 --device cuda: one GPU per rank (LOCAL_RANK), nccl, autocast on the GPU, timers synchronised.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -70,13 +71,23 @@ def pin(local_rank: int, local_world: int) -> None:
         os.sched_setaffinity(0, cores[local_rank * per:(local_rank + 1) * per])
 
 
+WARMUP = 5  # the from-scratch default that ds_configs' "auto" warmup_num_steps takes (launcher/config/ds/auto.py)
+
+
+def warmup_factor(k: int) -> float:
+    """lr factor of update k+1 under DeepSpeed 0.19's WarmupLR (warmup_type log, warmup_min_lr 0): its
+    iteration i < WARMUP gives log(i + 1) / log(WARMUP), and update k+1 runs at iteration k - 1 (the first
+    two at lr 0). The same schedule keeps the plain loop's losses equal to the labs arm's."""
+    return 0.0 if k == 0 else min(1.0, math.log(k) / math.log(WARMUP))
+
+
 def make_training(a, model, parts, job, world: int, rank: int):
     """The plain loop's optimizer (the same AdamW implementation the labs arm gets: --optimizer), warm-up and loader."""
     import torch
     flags = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(a.optimizer, {})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, betas=(0.9, 0.95),
                             eps=1e-8, weight_decay=0.01, **flags)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_factor)
     sampler = torch.utils.data.DistributedSampler(parts.train_data, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=job.train.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(parts.train_data, batch_size=a.micro, sampler=sampler,
