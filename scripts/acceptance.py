@@ -105,6 +105,10 @@ LABS = [
 ]
 
 
+class LabFailed(RuntimeError):
+    """A lab that exited non-zero or left no figure: reported, the other labs still run."""
+
+
 def lookup(result: dict, key: str):
     for part in key.split("."):
         result = (result or {}).get(part)
@@ -140,7 +144,7 @@ def run_lab(lab: Lab, data: Path, out_root: Path) -> dict:
     proc = subprocess.run([str(labs), *argv], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.time() - t0
     if proc.returncode:
-        raise SystemExit(f"[acceptance] {lab.name} failed (exit {proc.returncode}) after {wall:.0f} s: {shown}")
+        raise LabFailed(f"[acceptance] {lab.name} failed (exit {proc.returncode}) after {wall:.0f} s: {shown}")
     if lab.kind == "rag":
         result, run_dir = json.loads((out / "rag.json").read_text()), out
     else:
@@ -158,7 +162,7 @@ def run_lab(lab: Lab, data: Path, out_root: Path) -> dict:
         entry[key] = result.get(key)
     missing = [k for k, v in entry["figures"].items() if not isinstance(v, (int, float))]
     if missing:
-        raise SystemExit(f"[acceptance] {lab.name}: no figure {missing} in {run_dir}")
+        raise LabFailed(f"[acceptance] {lab.name}: no figure {missing} in {run_dir}")
     return entry
 
 
@@ -239,10 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     if not a.render and not (data / SQUAD).is_file():
         p.error(f"--data_dir {data}: no {SQUAD} there; point it at the offline data folder (../shared/data)")
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"labs": {}}
+    failed: list[str] = []
     if not a.render:
         cpu = cpu_name()
         for lab in (x for x in LABS if x.name in names):
-            entry = run_lab(lab, data, Path(a.out).resolve())
+            try:
+                entry = run_lab(lab, data, Path(a.out).resolve())
+            except LabFailed as e:
+                failed.append(str(e))
+                print(e, flush=True)
+                continue
             entry["cpu"] = cpu
             for line in moved(lab, results["labs"].get(lab.name), entry):
                 print(f"[acceptance] {lab.name}: moved outside its tolerance, corrected: {line}")
@@ -258,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(text)
     print(f"[acceptance] {RESULTS.relative_to(ROOT)} and the blocks of "
           f"{', '.join(str(d.relative_to(ROOT)) for d in DOCS)} written")
-    return 0
+    for line in failed:
+        print(line, file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
