@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED_DATA := $(wildcard ../shared/data)
 
-.PHONY: setup demo test test-fast lint cluster-deps image clean
+.PHONY: setup demo test test-fast acceptance lint cluster-deps image clean
 
 $(VENV)/.setup-done: pyproject.toml scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
@@ -36,6 +36,11 @@ test: setup cluster-deps
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests $(XDIST) -m "$(FAST) and not serial"
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -m "$(FAST) and serial"
+
+# The documented lab jobs on the real data of ../shared/data (not part of `make test`; about 40 minutes on 2
+# cores): their figures, with the commit and the date, into docs/acceptance.json and the README/docs tables.
+acceptance: setup
+	$(PY) scripts/acceptance.py $(if $(SHARED_DATA),--data_dir $(abspath $(SHARED_DATA)))
 
 # The project's image (podman; a local Debian base and this machine's pip sources, docs/containers.md).
 # Cold about 8.5 minutes, then cached: tests/test_container.py skips until it exists.
