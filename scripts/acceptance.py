@@ -119,6 +119,11 @@ def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
+def code_changed() -> bool:
+    """Tracked files other than documents (*.md, which this script itself rewrites) differ from the commit."""
+    return bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)*.md"))
+
+
 def cpu_name() -> str:
     sys.path.insert(0, str(ROOT))
     from launcher.common.cache import cpu_model  # the name every run records
@@ -151,7 +156,7 @@ def run_lab(lab: Lab, data: Path, out_root: Path) -> dict:
         summary = max(out.glob("*/*/summary.json"), key=lambda p: p.stat().st_mtime)
         result, run_dir = json.loads(summary.read_text()), summary.parent
     entry = {"what": lab.what, "command": shown, "commit": git("rev-parse", "--short", "HEAD"),
-             "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+             "dirty": code_changed(),
              "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
              "wall_s": round(wall, 1), "run_dir": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT)
              else str(run_dir), "figures": {f.key: lookup(result, f.key) for f in lab.figures}}
