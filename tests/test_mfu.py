@@ -228,7 +228,7 @@ def test_bench_harness_tables_and_breakdown_parser():
     assert fast["mfu"] == pytest.approx(150 * preset_flops("llama-small", 64).total / 1e11)
     assert rows[0]["mfu"] == pytest.approx(100 * preset_flops("llama-small", 64).total / 2e11)  # 2 ranks
     md = harness.table(rows, "base")
-    assert "| fast | 1 x 2 | fp32 | 8 x 1 x 1 | default | 150 (100-200) | 2.00x (1.00-3.00) |" in md
+    assert "| fast | 1 x 2 | fp32 | 8 x 1 x 1 | fused | 150 (100-200) | 2.00x (1.00-3.00) |" in md
 
 
 def test_bf16_auto_follows_the_machine_and_the_job(tmp_path, monkeypatch):
