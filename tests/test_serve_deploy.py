@@ -200,6 +200,48 @@ def test_the_image_serves_on_a_published_port_with_an_api_key(tmp_path):
         server.stop()
 
 
+@pytest.mark.container
+def test_the_image_serves_tp2_in_one_container_on_the_host_network(tmp_path):
+    """docs/serving.md's first line with `--tp 2`: host networking (the loopback default reaches this host),
+    two tensor-parallel ranks inside one container (DeepSpeed's runner there; `--shm-size 1g` for its
+    shared-memory all-reduce), requests sent together: greedy answers equal `generate`'s here. The serve
+    folder is mounted from this host (rank logs of both ranks land there); SIGTERM to `podman run` ends
+    both ranks and the container."""
+    if reason := _image_unavailable_reason():
+        pytest.skip(reason)
+    from test_container import BUILT, podman_env
+
+    from launcher.common.proc import free_port
+    port, master_port, name = free_port(), free_port(), f"labs-serve-tp2-{os.getpid()}"
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    runs.chmod(0o777)  # the image's user (uid 1000) writes the serve folder there
+    cmd = ["podman", "run", "--rm", "--name", name, "--network", "host", "--shm-size", "1g",
+           "-v", f"{runs}:/app/runs", "-e", "HF_HUB_OFFLINE=1", "-e", "OMP_NUM_THREADS=1", BUILT,
+           "labs", "serve", "llama-tiny", "--tp", "2", "--port", str(port), "--master_port", str(master_port),
+           "--threads", "1", "--grace", "3", "--dtype", "fp32", "--max-batch", "4", "--out", "/app/runs/tp2"]
+    server = Server.around(cmd, port, tmp_path / "podman", os.environ | podman_env())
+    try:
+        want = _expected(*reference("llama-tiny"))  # built while the container loads
+        server.wait_ready(300)
+        ranks = serve_ranks(Path("/app/runs/tp2"))  # this host sees the container's processes
+        assert len(ranks) == 4, (ranks, server.console())  # DeepSpeed's runner, its launch.py, the 2 ranks
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda pn: _complete(server, "llama-tiny", *pn), PAIRS, timeout=180))
+        assert got == want, (want, got)
+        assert server.stop() == 0, server.console()
+        assert "server stopped (SIGTERM)" in server.console(), server.console()
+        assert not [p for p in ranks if alive(p)], "a rank outlived the container"
+        assert sorted(p.name for p in (runs / "tp2" / "logs").glob("rank*.log")) == ["rank0.log", "rank1.log"]
+        gone = subprocess.run(["podman", "container", "exists", name], env=os.environ | podman_env(), timeout=60)
+        assert gone.returncode == 1, "the container is still there"
+    finally:
+        if server.proc.poll() is None:
+            subprocess.run(["podman", "rm", "-f", "--ignore", name], env=os.environ | podman_env(),
+                           capture_output=True, timeout=60)
+        server.stop()
+
+
 # ------------------------------------------------------------------ the ssh backend
 CLIENT = r"""
 import json, sys, time, httpx
