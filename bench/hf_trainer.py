@@ -6,9 +6,9 @@ deepspeed=...)`), under torchrun.
         --steps 10 --micro 2 --accum 2 --threads 1 --out_json r.json --set data.block_size=64
 
 The DeepSpeed config is the project's own (its batch triad set from the flags; for bf16 its *_bf16.json
-twin); the Trainer's arguments are set to the config's values (lr 3e-3, betas 0.9/0.95, eps 1e-8,
-weight decay 0.01, 5 warm-up steps, clipping 1.0) because the Trainer refuses a config that disagrees
-with them. A callback times each optimizer step on rank 0 (from `on_step_begin`, after the step's
+twin); the Trainer's arguments are set to the values `labs launch` resolves for the same job
+(bench/torch_loop.py `labs_hparams`: lr, betas, eps, weight decay, warm-up steps, clipping; the Trainer
+fills the config's "auto" from them and refuses a config that disagrees with them). A callback times each optimizer step on rank 0 (from `on_step_begin`, after the step's
 micro-batches are fetched, to `on_step_end`, after the optimizer step), as the labs worker times its
 steps. Ranks are pinned one per core, as DeepSpeed's --bind_cores_to_rank does.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.torch_loop import build_parts, parse, pin  # noqa: E402
+from bench.torch_loop import build_parts, labs_hparams, parse, pin  # noqa: E402
 
 
 def main() -> int:
@@ -42,6 +42,7 @@ def main() -> int:
     cfg.update(train_batch_size=a.micro * a.accum * world, train_micro_batch_size_per_gpu=a.micro,
                gradient_accumulation_steps=a.accum)
     job, parts = build_parts(a.job, a.sets)
+    hp = labs_hparams(a.job, a.sets, world)
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -57,8 +58,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, use_cpu=a.device == "cpu", deepspeed=cfg, bf16=bf16, per_device_train_batch_size=a.micro,
-            gradient_accumulation_steps=a.accum, max_steps=a.steps, learning_rate=3e-3, adam_beta1=0.9,
-            adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.01, warmup_steps=5, max_grad_norm=1.0,
+            gradient_accumulation_steps=a.accum, max_steps=a.steps, learning_rate=hp["lr"],
+            adam_beta1=hp["betas"][0], adam_beta2=hp["betas"][1], adam_epsilon=hp["eps"],
+            weight_decay=hp["weight_decay"], warmup_steps=hp["warmup"], max_grad_norm=hp["clip"],
             logging_steps=1, save_strategy="no", report_to=[], seed=job.train.seed, data_seed=job.train.seed,
             dataloader_drop_last=True, disable_tqdm=True, ddp_backend="gloo" if a.device == "cpu" else "nccl")
         trainer = Trainer(model=parts.model, args=args, train_dataset=parts.train_data,

@@ -6,8 +6,9 @@ seed), trained by a hand-written loop; DistributedDataParallel over gloo when st
         --threads 1 --out_json r.json --set data.block_size=64
 
 Per optimizer step: `accum` micro-batches (no_sync on all but the last under DDP), gradient clipping
-at 1.0, AdamW (lr 3e-3, betas 0.9/0.95, eps 1e-8, weight decay 0.01, as ds_configs/*.json), the warm-up
-the labs arm's ds_config runs (DeepSpeed's WarmupLR, log-shaped from 0 over 5 steps: `warmup_factor`), and the loss averaged over the ranks (as the labs worker logs it). bf16: autocast
+and AdamW with the values the labs arm's ds_config resolves for the same job (`labs_hparams`: lr, betas,
+eps, weight decay, clipping; from scratch lr 3e-3 and 5 warm-up steps, fine-tuning a pretrained model lr 5e-5
+and 10), its warm-up (DeepSpeed's WarmupLR, log-shaped from 0: `warmup_factor`), and the loss averaged over the ranks (as the labs worker logs it). bf16: autocast
 (the model and the optimizer stay fp32), PyTorch's own mixed-precision idiom. With several ranks and
 at least as many cores, each rank is pinned to one core (as DeepSpeed's --bind_cores_to_rank does).
 --device cuda: one GPU per rank (LOCAL_RANK), nccl, autocast on the GPU, timers synchronised.
@@ -71,23 +72,37 @@ def pin(local_rank: int, local_world: int) -> None:
         os.sched_setaffinity(0, cores[local_rank * per:(local_rank + 1) * per])
 
 
-WARMUP = 5  # the from-scratch default that ds_configs' "auto" warmup_num_steps takes (launcher/config/ds/auto.py)
+def labs_hparams(job_path: str, sets: list[str], world: int) -> dict:
+    """The optimizer, warm-up and clipping the labs arm's ds_config resolves for this job (its "auto" values:
+    lr, weight decay and warm-up steps from the job, or the from-scratch / fine-tuning defaults of
+    launcher/config/ds/auto.py), read through the same `launcher.resolve.resolve` that `labs launch` runs."""
+    from launcher.resolve import resolve
+    _, cfg, _, _ = resolve(job_path, sets=sets, world=world)
+    opt, sched = cfg["optimizer"]["params"], cfg["scheduler"]
+    assert sched["type"] == "WarmupLR" and sched["params"].get("warmup_type", "log") == "log", sched
+    assert sched["params"]["warmup_min_lr"] == 0, sched  # warmup_factor's schedule starts from 0
+    return {"lr": sched["params"]["warmup_max_lr"], "betas": tuple(opt["betas"]), "eps": opt["eps"],
+            "weight_decay": opt["weight_decay"], "warmup": sched["params"]["warmup_num_steps"],
+            "clip": cfg.get("gradient_clipping", 0.0)}
 
 
-def warmup_factor(k: int) -> float:
+def warmup_factor(k: int, warmup: int) -> float:
     """lr factor of update k+1 under DeepSpeed 0.19's WarmupLR (warmup_type log, warmup_min_lr 0): its
-    iteration i < WARMUP gives log(i + 1) / log(WARMUP), and update k+1 runs at iteration k - 1 (the first
+    iteration i < warmup gives log(i + 1) / log(warmup), and update k+1 runs at iteration k - 1 (the first
     two at lr 0). The same schedule keeps the plain loop's losses equal to the labs arm's."""
-    return 0.0 if k == 0 else min(1.0, math.log(k) / math.log(WARMUP))
+    if warmup <= 1:
+        return 1.0 if k > 0 else 0.0
+    return 0.0 if k == 0 else min(1.0, math.log(k) / math.log(warmup))
 
 
-def make_training(a, model, parts, job, world: int, rank: int):
-    """The plain loop's optimizer (the same AdamW implementation the labs arm gets: --optimizer), warm-up and loader."""
+def make_training(a, model, parts, job, world: int, rank: int, hp: dict):
+    """The plain loop's optimizer (the same AdamW implementation the labs arm gets: --optimizer; the same
+    hyper-parameters: `labs_hparams`), warm-up and loader."""
     import torch
     flags = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(a.optimizer, {})
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, betas=(0.9, 0.95),
-                            eps=1e-8, weight_decay=0.01, **flags)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_factor)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp["lr"], betas=hp["betas"],
+                            eps=hp["eps"], weight_decay=hp["weight_decay"], **flags)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_factor(k, hp["warmup"]))
     sampler = torch.utils.data.DistributedSampler(parts.train_data, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=job.train.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(parts.train_data, batch_size=a.micro, sampler=sampler,
@@ -127,7 +142,8 @@ def main() -> int:
     ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
            if world > 1 else model)
     sync = torch.cuda.synchronize if cuda else (lambda: None)  # GPU timers wait for the kernels
-    opt, sched, sampler, loader = make_training(a, model, parts, job, world, rank)
+    hp = labs_hparams(a.job, a.sets, world)
+    opt, sched, sampler, loader = make_training(a, model, parts, job, world, rank, hp)
     batches = iter(loader)
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if a.precision == "bf16"
                 else contextlib.nullcontext)
@@ -165,7 +181,8 @@ def main() -> int:
                 bwd += t3 - t2
             step_loss += loss.detach().float()
         t = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if hp["clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), hp["clip"])
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

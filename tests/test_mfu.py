@@ -257,3 +257,27 @@ def test_compile_is_planned_for_data_parallel_and_refused_elsewhere():
     assert plan.job.train.compile is True
     with pytest.raises(LabsError, match="train.compile = true with world 2 = .*pp 2.*set train.compile to false"):
         make_plan("jobs/fine_tune_pipeline.yaml", sets=["train.compile=true"], dry_run=True)
+
+
+def test_bench_plain_loop_takes_the_labs_hyper_parameters_and_deepspeeds_warmup():
+    """bench/torch_loop.py (and the HF Trainer arm) train with what `labs launch` resolves for the job:
+    from scratch lr 3e-3 / 5 warm-up steps, a pretrained model lr 5e-5 / 10; and the plain loop's lr factor
+    per update equals DeepSpeed's WarmupLR (log, from 0) on a real optimizer, update by update."""
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupLR
+    sys.path.insert(0, str(REPO))
+    from bench.torch_loop import labs_hparams, warmup_factor
+
+    scratch = labs_hparams("jobs/compare.yaml", [], 2)
+    assert (scratch["lr"], scratch["warmup"], scratch["weight_decay"], scratch["clip"]) == (3e-3, 5, 0.01, 1.0)
+    tuned = labs_hparams("jobs/compare.yaml", ["model.name=smollm2-135m"], 1)
+    assert (tuned["lr"], tuned["warmup"], tuned["weight_decay"]) == (5e-5, 10, 0.0)
+    for warmup in (5, 10):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = WarmupLR(opt, warmup_min_lr=0, warmup_max_lr=1.0, warmup_num_steps=warmup)  # steps once itself
+        ds = []
+        for _ in range(warmup + 3):  # what the engine does per update: the optimizer step, then sched.step()
+            ds.append(opt.param_groups[0]["lr"])
+            sched.step()
+        ours = [warmup_factor(k, warmup) for k in range(warmup + 3)]  # LambdaLR: update k+1 takes factor k
+        assert ours == pytest.approx(ds, abs=1e-12), (warmup, ours, ds)
