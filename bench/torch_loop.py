@@ -125,6 +125,19 @@ def write_results(a, rank: int, world: int, model, micro, step_times, losses, pa
           flush=True)
 
 
+def take(batches, loader, sampler, n, device):
+    """The next n micro-batches on the device, starting a new epoch of the sampler when the loader runs out."""
+    micro = []
+    for _ in range(n):
+        try:
+            micro.append(next(batches))
+        except StopIteration:
+            sampler.set_epoch(sampler.epoch + 1)
+            batches = iter(loader)
+            micro.append(next(batches))
+    return [{k: v.to(device) for k, v in b.items()} for b in micro], batches
+
+
 def main() -> int:
     a = parse()
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -149,15 +162,7 @@ def main() -> int:
                 else contextlib.nullcontext)
     step_times, losses, parts_ms = [], [], []
     for _ in range(a.steps):
-        micro = []
-        for _ in range(a.accum):
-            try:
-                micro.append(next(batches))
-            except StopIteration:
-                sampler.set_epoch(sampler.epoch + 1)
-                batches = iter(loader)
-                micro.append(next(batches))
-        micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
+        micro, batches = take(batches, loader, sampler, a.accum, device)
         sync()
         t0 = time.perf_counter()
         fwd = bwd = bwd_sync = 0.0
