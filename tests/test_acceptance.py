@@ -35,18 +35,27 @@ def test_documents_quote_the_acceptance_file(doc):
 
 def test_every_lab_was_measured_with_its_figures():
     labs = results()["labs"]
-    assert sorted(labs) == sorted(lab.name for lab in acceptance.LABS)
-    for lab in acceptance.LABS:
+    assert sorted(labs) == sorted(lab.name for lab in acceptance.ALL)
+    for lab in acceptance.ALL:
         e = labs[lab.name]
         assert set(e["figures"]) == {f.key for f in lab.figures}, lab.name
         assert e["command"] == acceptance.command(lab) and e["commit"] and e["date"], lab.name
     # what the labs promise: training moved each figure the right way
     f = {name: e["figures"] for name, e in labs.items()}
-    for name in ("smollm2_fine_tune", "smollm2_lora", "demo"):
+    for name in ("smollm2_fine_tune", "smollm2_lora", "demo", *acceptance.GROUPS["strategies"]):
         assert f[name]["perplexity"] < f[name]["eval_before.perplexity"], name
     for name in ("ag_news", "imdb"):
         assert f[name]["accuracy"] > f[name]["eval_before.accuracy"] + 0.2, name
     assert f["imdb"]["accuracy"] >= 0.80  # the lab's requirement: 80% within 100 steps
+    for name in acceptance.GROUPS["strategies"]:  # the same pretrained model before training, whatever the layout
+        assert f[name]["eval_before.perplexity"] == pytest.approx(f["smollm2_fine_tune"]["eval_before.perplexity"],
+                                                                  rel=0.02), name
+
+
+def test_the_worst_rank_gives_the_memory_figure():
+    assert acceptance.lookup({"memory": {"ratio": [0.95, 1.3, 0.6]}}, "memory.ratio") == 0.6
+    assert acceptance.lookup({"memory": {"ratio": [1.1]}}, "memory.ratio") == 1.1
+    assert acceptance.lookup({"a": {"b": 2.0}}, "a.b") == 2.0
 
 
 def test_a_changed_figure_is_caught(tmp_path, monkeypatch):
