@@ -115,9 +115,9 @@ SMOL_JOB = ["launch", "jobs/fine_tune_smollm2.yaml", "--data_dir", "{data}", "--
 MEM = Figure("memory.ratio", "memory predicted / measured (worst rank)", 0.1, digits=2)
 
 
-def _strategy(name: str, what: str, *args: str) -> Lab:
-    return Lab(f"smollm2_{name}", f"SmolLM2-135M fine-tuned under {what} (fp32, 8 sequences of 256 tokens a step, "
-               "6 steps)", [*SMOL_JOB, *args],
+def _strategy(name: str, what: str, *args: str, tokens: int = 256) -> Lab:
+    return Lab(f"smollm2_{name}", f"SmolLM2-135M fine-tuned under {what} (fp32, 8 sequences of {tokens} tokens a "
+               "step, 6 steps)", [*SMOL_JOB, *args],
                [Figure("eval_before.perplexity", "perplexity before", PPL, True, 2),
                 Figure("perplexity", "perplexity after", PPL, True, 2), MEM], group="strategies")
 
@@ -135,7 +135,7 @@ STRATEGIES = [
               "ds.tensor_parallel.autotp_size=3", "ds.gradient_accumulation_steps=4"),
     _strategy("sp3", "Ulysses sequence parallel 3 (blocks of 255 tokens: 3 divides them)", "--ds-config",
               "ds_configs/sequence_parallel.json", "--hostfile", "hostfiles/localhost3", "--set",
-              "ds.sequence_parallel_size=3", "data.block_size=255"),
+              "ds.sequence_parallel_size=3", "data.block_size=255", tokens=255),
 ]
 ALL = LABS + STRATEGIES
 GROUPS = {"labs": [x.name for x in LABS], "strategies": [x.name for x in STRATEGIES]}
@@ -159,8 +159,10 @@ def git(*args: str) -> str:
 
 
 def code_changed() -> bool:
-    """Tracked files other than documents (*.md, which this script itself rewrites) differ from the commit."""
-    return bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)*.md"))
+    """Tracked files other than what this script itself rewrites (the documents, *.md, and its results file,
+    written after every lab) differ from the commit."""
+    return bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)*.md",
+                    f":(exclude){RESULTS.relative_to(ROOT)}"))
 
 
 def cpu_name() -> str:

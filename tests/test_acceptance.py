@@ -47,9 +47,13 @@ def test_every_lab_was_measured_with_its_figures():
     for name in ("ag_news", "imdb"):
         assert f[name]["accuracy"] > f[name]["eval_before.accuracy"] + 0.2, name
     assert f["imdb"]["accuracy"] >= 0.80  # the lab's requirement: 80% within 100 steps
-    for name in acceptance.GROUPS["strategies"]:  # the same pretrained model before training, whatever the layout
-        assert f[name]["eval_before.perplexity"] == pytest.approx(f["smollm2_fine_tune"]["eval_before.perplexity"],
-                                                                  rel=0.02), name
+    # the real weights under every layout of the same blocks: the same model before training and the same
+    # training (measured: within 7.2e-6 before, 8.3e-6 after, tp 3 the farthest); sp 3 reads blocks of 255 tokens
+    ref = f["smollm2_zero0"]
+    for name in acceptance.GROUPS["strategies"]:
+        if name != "smollm2_sp3":
+            for key in ("eval_before.perplexity", "perplexity"):
+                assert f[name][key] == pytest.approx(ref[key], rel=2e-5), (name, key)
 
 
 def test_the_worst_rank_gives_the_memory_figure():
