@@ -38,7 +38,8 @@ test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -m "$(FAST) and serial"
 
 # The documented lab jobs on the real data of ../shared/data (not part of `make test`; 12 minutes on 2 idle
-# cores): their figures, with the commit and the date, into docs/acceptance.json and the README/docs tables.
+# cores), then SmolLM2-135M under every strategy (28 minutes more): their figures, with the commit and the
+# date, into docs/acceptance.json and the README/docs tables (`--only labs` / `--only strategies`).
 acceptance: setup
 	$(PY) scripts/acceptance.py $(if $(SHARED_DATA),--data_dir $(abspath $(SHARED_DATA)))
 

@@ -1,6 +1,6 @@
 """The headline figures: README.md and docs/labs.md quote docs/acceptance.json (written by `make acceptance`,
 scripts/acceptance.py) exactly as the script renders it, so a document cannot keep a figure the file does not
-hold. The run itself is not part of the suite (12 minutes of real data on 2 idle cores)."""
+hold. The run itself is not part of the suite (40 minutes of real data on 2 idle cores)."""
 
 from __future__ import annotations
 
