@@ -65,7 +65,6 @@ class Lab:
     figures: list[Figure]
     kind: str = "launch"  # launch: summary.json of the run; rag: the --out JSON
     texts: list[str] = field(default_factory=list)  # summary keys kept as text (greedy samples)
-    group: str = "labs"  # labs: the README's table; strategies: docs/labs.md's table of SmolLM2 per strategy
 
 
 ACC, PPL = 0.02, 0.03
@@ -119,7 +118,7 @@ def _strategy(name: str, what: str, *args: str, tokens: int = 256) -> Lab:
     return Lab(f"smollm2_{name}", f"SmolLM2-135M fine-tuned under {what} (fp32, 8 sequences of {tokens} tokens a "
                "step, 6 steps)", [*SMOL_JOB, *args],
                [Figure("eval_before.perplexity", "perplexity before", PPL, True, 2),
-                Figure("perplexity", "perplexity after", PPL, True, 2), MEM], group="strategies")
+                Figure("perplexity", "perplexity after", PPL, True, 2), MEM])
 
 
 STRATEGIES = [
